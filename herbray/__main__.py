@@ -1,0 +1,3 @@
+from herbray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""Local paths, ``s3://`` URIs and ``http(s)://`` URLs behind one small interface.
+
+S3 settings come from the standard AWS mechanisms only: environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_PROFILE``, ``AWS_REGION``, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)
+and the shared files ``~/.aws/config`` and ``~/.aws/credentials`` (including a
+profile's ``endpoint_url``). boto3 resolves them once per process, and the same
+resolved values configure pyarrow's S3 filesystem, which Ray Data and Ray Train
+use. So one setting reaches every reader and writer.
+
+Paths and keys are kept byte for byte: nothing is URL-decoded or encoded, so a
+key with spaces, ``+``, ``%`` or ``#`` is read and reported exactly as listed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+# Bounded network behaviour: a dead endpoint fails within seconds instead of
+# retrying for minutes. Each value is in seconds or attempts.
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 3
+
+_SECRET_QUERY = re.compile(
+    r"([?&](?:X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId|Expires|sig|token)=)[^&\s]*",
+    re.IGNORECASE,
+)
+
+
+class StorageError(OSError):
+    """A path or URI could not be listed, read or written; the message names it."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def is_remote(uri: str) -> bool:
+    return is_s3(uri) or is_http(uri)
+
+
+def redact(text: str) -> str:
+    """Remove signatures, tokens and keys from the query string of signed URLs."""
+    return _SECRET_QUERY.sub(r"\1<redacted>", text)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into bucket and key, keeping the key verbatim."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/', for local paths and URIs alike."""
+    if not is_remote(base):
+        return os.path.join(base, *parts)
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}" if part else out
+    return out
+
+
+def parent(uri: str) -> str:
+    if is_remote(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(uri))
+
+
+def basename(uri: str) -> str:
+    if is_remote(uri):
+        return uri.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(uri.rstrip(os.sep))
+
+
+def resolve(path: str, base_dir: str) -> str:
+    """Resolve a path found in a manifest against the manifest's folder.
+
+    Absolute paths and URIs are returned unchanged; relative paths join the base
+    folder (local or ``s3://``) without any decoding of their characters.
+    """
+    if is_remote(path) or os.path.isabs(path):
+        return path
+    if is_remote(base_dir):
+        return join(base_dir, path)
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """S3 connection settings as boto3 resolved them. Never logged with secrets."""
+
+    region: str | None
+    endpoint_url: str | None
+    access_key: str | None
+    secret_key: str | None
+    session_token: str | None
+
+    def __repr__(self) -> str:  # keeps keys out of logs and tracebacks
+        return f"S3Settings(region={self.region!r}, endpoint_url={self.endpoint_url!r})"
+
+
+@functools.lru_cache(maxsize=1)
+def s3_settings() -> S3Settings:
+    """Resolve S3 settings through boto3, the same way the AWS CLI does."""
+    import boto3
+
+    session = boto3.Session()
+    client = session.client("s3")
+    endpoint = client.meta.endpoint_url
+    # A default AWS endpoint is left to pyarrow, which derives it from the region.
+    if endpoint and re.match(r"https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com", endpoint):
+        endpoint = None
+    credentials = session.get_credentials()
+    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    return S3Settings(
+        region=client.meta.region_name or session.region_name,
+        endpoint_url=endpoint,
+        access_key=frozen.access_key if frozen else None,
+        secret_key=frozen.secret_key if frozen else None,
+        session_token=frozen.token if frozen else None,
+    )
+
+
+def reset_settings() -> None:
+    """Forget cached settings and clients (after the environment changed)."""
+    s3_settings.cache_clear()
+    s3_filesystem.cache_clear()
+    boto3_client.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def s3_filesystem() -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem configured from :func:`s3_settings`."""
+    settings = s3_settings()
+    kwargs: dict = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+    }
+    if settings.region:
+        kwargs["region"] = settings.region
+    if settings.access_key and settings.secret_key:
+        kwargs["access_key"] = settings.access_key
+        kwargs["secret_key"] = settings.secret_key
+        if settings.session_token:
+            kwargs["session_token"] = settings.session_token
+    if settings.endpoint_url:
+        scheme, _, host = settings.endpoint_url.partition("://")
+        kwargs["endpoint_override"] = host.rstrip("/")
+        kwargs["scheme"] = scheme
+        # S3-compatible servers (SeaweedFS, MinIO, Ceph) expect path-style requests.
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def boto3_client():
+    """A boto3 S3 client with the bounded timeouts and retries of this module."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=REQUEST_TIMEOUT_S,
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+    )
+    return boto3.Session().client("s3", config=config)
+
+
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem for a URI and the path within it.
+
+    ``s3://bucket/key`` gives the configured S3 filesystem and ``bucket/key``;
+    a local path gives the local filesystem and the absolute path. Ray Data's
+    ``filesystem=`` and Ray Train's ``storage_filesystem=`` take this pair.
+    """
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
+    if is_http(uri):
+        raise StorageError(f"{redact(uri)}: http(s) URLs can be read, not listed or written")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _describe(uri: str, exc: BaseException) -> str:
+    text = redact(str(exc)).strip().splitlines()
+    return f"{redact(uri)}: {text[0] if text else type(exc).__name__}"
+
+
+def read_bytes(uri: str, *, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
+    """Read a whole object: a local file, an ``s3://`` object or an ``http(s)`` URL."""
+    try:
+        if is_s3(uri):
+            fs, path = filesystem_and_path(uri)
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        if is_http(uri):
+            with urllib.request.urlopen(uri, timeout=timeout) as response:
+                return response.read()
+        with open(uri, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"not found: {redact(uri)}") from exc
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise StorageError(_describe(uri, exc)) from exc
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; local parent folders are created."""
+    try:
+        if is_s3(uri):
+            fs, path = filesystem_and_path(uri)
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        if is_http(uri):
+            raise StorageError(f"{redact(uri)}: cannot write to an http(s) URL")
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        tmp = f"{uri}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, uri)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(_describe(uri, exc)) from exc
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    try:
+        info = file_info(uri)
+    except FileNotFoundError:
+        return False
+    return info.type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    if is_http(uri):
+        return False
+    if not is_s3(uri):
+        return os.path.isdir(uri)
+    info = file_info(uri)
+    return info.type == pafs.FileType.Directory
+
+
+def file_info(uri: str) -> pafs.FileInfo:
+    fs, path = filesystem_and_path(uri)
+    if is_s3(uri) and "/" not in path:
+        # A bare bucket: ask for its listing so a missing bucket raises here.
+        try:
+            fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=False))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"bucket not found: {redact(uri)}") from exc
+        except OSError as exc:
+            raise StorageError(_describe(uri, exc)) from exc
+        return pafs.FileInfo(path, pafs.FileType.Directory)
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(_describe(uri, exc)) from exc
+
+
+def walk_files(root: str) -> Iterator[tuple[str, int]]:
+    """Yield (path relative to root, size in bytes) for every file under root.
+
+    Relative paths use '/' and are sorted, so a listing is deterministic. For
+    S3, a prefix counts as a folder tree.
+    """
+    fs, base = filesystem_and_path(root)
+    selector = pafs.FileSelector(base, recursive=True, allow_not_found=False)
+    try:
+        infos = fs.get_file_info(selector)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"folder not found: {redact(root)}") from exc
+    except OSError as exc:
+        raise StorageError(_describe(root, exc)) from exc
+    prefix = base.rstrip("/") + "/"
+    files = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(prefix) :] if info.path.startswith(prefix) else info.path
+        if os.sep != "/" and not is_s3(root):
+            rel = rel.replace(os.sep, "/")
+        files.append((rel, info.size or 0))
+    files.sort()
+    yield from files
+
+
+def makedirs(uri: str) -> None:
+    if is_s3(uri):
+        return  # S3 has no folders; writing a key creates its prefix.
+    os.makedirs(uri, exist_ok=True)
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a folder or S3 prefix and everything under it, if it exists."""
+    fs, path = filesystem_and_path(uri)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(_describe(uri, exc)) from exc
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem_and_path(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(_describe(uri, exc)) from exc
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names of the direct children of a folder or S3 prefix (files and folders)."""
+    fs, path = filesystem_and_path(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(_describe(uri, exc)) from exc
+    return sorted(info.base_name for info in infos)
+
+
+def local_or_download(uri: str, workdir: str) -> str:
+    """Return a local path for a file, downloading a remote one into workdir."""
+    if not is_remote(uri):
+        return uri
+    target = os.path.join(workdir, basename(uri))
+    with open(target, "wb") as handle:
+        handle.write(read_bytes(uri))
+    return target
