@@ -7,6 +7,7 @@ call :func:`main` so that ``ray job submit`` and the console share one parser.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -25,17 +26,176 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging level of herbray's own messages (default: INFO)",
     )
-    parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_catalog(commands)
     return parser
 
 
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that describe how to read a collection (every reading stage has them)."""
+    from herbray.catalog import FORMATS
+
+    group = parser.add_argument_group("reading the collection")
+    group.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="collection format (default: auto, guessed from the name and contents)",
+    )
+    group.add_argument("--image-column", help="manifest column with image paths or URIs")
+    group.add_argument("--label-column", help="manifest column with the species name")
+    group.add_argument("--id-column", help="manifest column with a unique specimen id")
+    group.add_argument(
+        "--group-column",
+        help="column that keeps related sheets on one side of a split "
+        "(default: the collector where the source has one, else the specimen)",
+    )
+    group.add_argument(
+        "--encoding", help="text encoding of a manifest without BOM (default: UTF-8)"
+    )
+
+
+def _read_source(args: argparse.Namespace, source: str):
+    from herbray.catalog import ColumnMapping, read_catalog
+
+    mapping = ColumnMapping(
+        image=args.image_column, label=args.label_column, id=args.id_column, group=args.group_column
+    )
+    catalog = read_catalog(source, format=args.format, mapping=mapping, encoding=args.encoding)
+    if args.group_column:
+        catalog.group_column = args.group_column
+    return catalog
+
+
+def _add_catalog(commands) -> None:
+    parser = commands.add_parser(
+        "catalog",
+        help="read a collection and summarise it",
+        description="Read a collection (folder tree, manifest, Darwin Core Archive or FGVC "
+        "metadata; local or s3://) and print images, species, groups and skipped files.",
+    )
+    parser.add_argument("source", help="collection folder, manifest, archive or metadata file")
+    _add_source_options(parser)
+    parser.add_argument("--output", help="write the catalog table to this Parquet file")
+    parser.add_argument("--labels", help="write the species <-> index map to this labels.json")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="add a train/val/test split column (grouped by --group-column) and summarise it",
+    )
+    parser.add_argument(
+        "--split-fractions",
+        default="0.7,0.15,0.15",
+        type=_fractions,
+        help="train,val,test shares per species (default: 0.7,0.15,0.15)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=_run_catalog)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.7,0.15,0.15, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _run_catalog(args: argparse.Namespace) -> int:
+    from herbray.splits import assign_splits
+    from herbray.taxonomy import LabelMap
+
+    catalog = _read_source(args, args.source)
+    summary = catalog.summary()
+    if args.split:
+        table, report = assign_splits(
+            catalog.images(),
+            group_column=catalog.group_column,
+            fractions=args.split_fractions,
+            seed=args.seed,
+        )
+        catalog.table = table
+        summary["split"] = report.to_json()
+    if args.output:
+        catalog.write_parquet(args.output)
+    if args.labels:
+        LabelMap.from_names(catalog.images().column("scientific_name").to_pylist()).save(
+            args.labels
+        )
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
+    else:
+        print(format_summary(summary))
+        if args.output:
+            print(f"table      {args.output}")
+        if args.labels:
+            print(f"labels     {args.labels}")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """Format the catalog summary as aligned text lines."""
+    per = summary["images_per_species"]
+    skipped = summary["skipped"]
+    lines = [
+        f"source     {summary['source']} ({summary['format']})",
+        f"records    {summary['records']} ({summary['records_without_media']} without an image)",
+        f"images     {summary['images']} ({summary['labelled_images']} with a species)",
+        f"species    {summary['species']}"
+        + (
+            f"; images per species min {per['min']} / median {per['median']} / max {per['max']}"
+            if summary["species"]
+            else ""
+        ),
+        f"groups     {summary['groups']} (by {summary['group_column']})",
+        "skipped    "
+        + (
+            f"{sum(skipped.values())}: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
+            if skipped
+            else "0"
+        ),
+    ]
+    if "species_in_all_records" in summary:
+        lines.append(f"species    {summary['species_in_all_records']} in all records")
+    lines += [f"note       {note}" for note in summary["notes"]]
+    split = summary.get("split")
+    if split:
+        images, groups = split["images"], split["groups"]
+        lines.append(
+            "split      "
+            + ", ".join(f"{s} {images[s]} images / {groups[s]} groups" for s in images)
+        )
+        if split["train_only_species"]:
+            lines.append(
+                f"           {len(split['train_only_species'])} species in training only "
+                f"(too few groups): {', '.join(split['train_only_species'][:10])}"
+            )
+        if split["species_without_train"]:
+            lines.append(
+                f"           {len(split['species_without_train'])} species without training "
+                f"images: {', '.join(split['species_without_train'][:10])}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from herbray.catalog import CatalogError
+    from herbray.storage import StorageError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (CatalogError, StorageError, FileNotFoundError) as exc:
+        # Input problems get one clear line, not a traceback.
+        print(f"herbray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
