@@ -12,6 +12,8 @@ import logging
 import sys
 
 from herbray import __version__
+from herbray.catalog import SourceOptions
+from herbray.config import ConfigError, add_arguments, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,43 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_catalog(commands)
+    _add_job(
+        commands,
+        "prepare",
+        "decode, resize and shard a labelled collection for training",
+        "herbray.prepare:PrepareConfig",
+        _run_prepare,
+    )
     return parser
 
 
-def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options that describe how to read a collection (every reading stage has them)."""
-    from herbray.catalog import FORMATS
+def _import(path: str):
+    import importlib
 
-    group = parser.add_argument_group("reading the collection")
-    group.add_argument(
-        "--format",
-        default="auto",
-        choices=FORMATS,
-        help="collection format (default: auto, guessed from the name and contents)",
-    )
-    group.add_argument("--image-column", help="manifest column with image paths or URIs")
-    group.add_argument("--label-column", help="manifest column with the species name")
-    group.add_argument("--id-column", help="manifest column with a unique specimen id")
-    group.add_argument(
-        "--group-column",
-        help="column that keeps related sheets on one side of a split "
-        "(default: the collector where the source has one, else the specimen)",
-    )
-    group.add_argument(
-        "--encoding", help="text encoding of a manifest without BOM (default: UTF-8)"
-    )
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _read_source(args: argparse.Namespace, source: str):
-    from herbray.catalog import ColumnMapping, read_catalog
-
-    mapping = ColumnMapping(
-        image=args.image_column, label=args.label_column, id=args.id_column, group=args.group_column
+def _add_job(commands, name: str, help_text: str, config_path: str, run) -> None:
+    """Add a job subcommand whose options are the fields of its config dataclass."""
+    config_class = _import(config_path)
+    parser = commands.add_parser(name, help=help_text, description=config_class.__doc__)
+    parser.add_argument(
+        "--config",
+        help="YAML file of settings; command-line options override it",
     )
-    catalog = read_catalog(source, format=args.format, mapping=mapping, encoding=args.encoding)
-    if args.group_column:
-        catalog.group_column = args.group_column
-    return catalog
+    add_arguments(parser, config_class)
+    parser.set_defaults(run=run, config_class=config_class)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from herbray.prepare import prepare
+
+    result = prepare(resolve(args.config_class, args, args.config))
+    print(result.summary_line())
+    return 0
 
 
 def _add_catalog(commands) -> None:
@@ -75,7 +75,7 @@ def _add_catalog(commands) -> None:
         "metadata; local or s3://) and print images, species, groups and skipped files.",
     )
     parser.add_argument("source", help="collection folder, manifest, archive or metadata file")
-    _add_source_options(parser)
+    add_arguments(parser.add_argument_group("reading the collection"), SourceOptions)
     parser.add_argument("--output", help="write the catalog table to this Parquet file")
     parser.add_argument("--labels", help="write the species <-> index map to this labels.json")
     parser.add_argument(
@@ -108,7 +108,7 @@ def _run_catalog(args: argparse.Namespace) -> int:
     from herbray.splits import assign_splits
     from herbray.taxonomy import LabelMap
 
-    catalog = _read_source(args, args.source)
+    catalog = resolve(SourceOptions, args).read_source(args.source)
     summary = catalog.summary()
     if args.split:
         table, report = assign_splits(
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (CatalogError, StorageError, FileNotFoundError) as exc:
+    except (CatalogError, ConfigError, StorageError, FileNotFoundError) as exc:
         # Input problems get one clear line, not a traceback.
         print(f"herbray {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ URI. See :class:`~herbray.catalog.table.Catalog` for the table's columns.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from herbray import storage
 from herbray.catalog.dwca import read_dwc_text_bytes, read_dwca
@@ -22,6 +23,7 @@ from herbray.catalog.table import (
     CatalogError,
     skip_reason,
 )
+from herbray.config import ConfigError, option
 
 FORMATS = ("auto", "folder", "manifest", "dwca", "fgvc")
 
@@ -32,6 +34,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "ColumnMapping",
+    "SourceOptions",
     "detect_format",
     "read_catalog",
     "skip_reason",
@@ -112,3 +115,45 @@ def read_catalog(
                 storage.read_bytes(source), source, storage.parent(source), encoding
             )
         raise
+
+
+@dataclass
+class SourceOptions:
+    """How to read a collection; every job config that reads one inherits these fields."""
+
+    format: str = option(
+        "auto", "collection format, guessed from the name and contents when auto", choices=FORMATS
+    )
+    image_column: str | None = option(None, "manifest column with image paths or URIs")
+    label_column: str | None = option(None, "manifest column with the species name")
+    id_column: str | None = option(None, "manifest column with a unique specimen id")
+    group_column: str | None = option(
+        None,
+        "column that keeps related sheets on one side of a split "
+        "(default: the collector where the source has one, else the specimen)",
+    )
+    encoding: str | None = option(
+        None, "text encoding of a manifest without a BOM (default: UTF-8)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+
+    def read_source(self, source: str) -> Catalog:
+        """Read ``source`` with these options; ``group_column`` overrides the reader's choice."""
+        mapping = ColumnMapping(
+            image=self.image_column,
+            label=self.label_column,
+            id=self.id_column,
+            group=self.group_column,
+        )
+        catalog = read_catalog(source, format=self.format, mapping=mapping, encoding=self.encoding)
+        if self.group_column:
+            if self.group_column not in catalog.table.column_names:
+                raise CatalogError(
+                    f"{source}: no column {self.group_column!r} to group by; columns are "
+                    f"{', '.join(catalog.table.column_names)}"
+                )
+            catalog.group_column = self.group_column
+        return catalog
