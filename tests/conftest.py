@@ -26,13 +26,63 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(request):
     """A real local Ray with 2 CPUs on 127.0.0.1, shared by the whole test session."""
     import ray
 
     from herbray.runtime import init_ray
 
+    # Ray workers copy the environment of the process that starts Ray, so the S3
+    # server's AWS variables must be set first when any test of this session uses it.
+    if any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("s3_server")
+
     if not ray.is_initialized():
         init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1 for the whole session.
+
+    The server's endpoint and credentials are set as AWS_* variables in
+    os.environ until the session ends, so herbray.storage, boto3 and the Ray
+    workers all reach it. Ray workers see them only if Ray starts afterwards:
+    ray_local starts this fixture first whenever a collected test uses it, and
+    a test that starts Ray some other way must request s3_server before that.
+    """
+    from s3server import CONFLICTING_ENV, S3Server, S3ServerError
+
+    from herbray import storage
+
+    try:
+        server = S3Server()
+    except S3ServerError as exc:
+        pytest.skip(str(exc))
+    server.start()
+    variables = server.env()
+    saved = {name: os.environ.get(name) for name in (*variables, *CONFLICTING_ENV)}
+    for name in CONFLICTING_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(variables)
+    storage.reset_settings()
+    try:
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        storage.reset_settings()
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """The name of a new, empty bucket on the session's S3 server."""
+    import uuid
+
+    return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
