@@ -36,6 +36,13 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 3
 
+# Error codes in pyarrow's S3 error messages ("AWS Error NO_SUCH_BUCKET during ...").
+_NO_SUCH_BUCKET = "AWS Error NO_SUCH_BUCKET"
+_REJECTED_REQUEST = re.compile(
+    r"AWS Error (ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|"
+    r"INVALID_CLIENT_TOKEN_ID|EXPIRED_TOKEN|UNRECOGNIZED_CLIENT)\b"
+)
+
 _SECRET_QUERY = re.compile(
     r"([?&](?:X-Amz-[A-Za-z-]+|Signature|AWSAccessKeyId|Expires|sig|token)=)[^&\s]*",
     re.IGNORECASE,
@@ -91,6 +98,13 @@ def parent(uri: str) -> str:
 
 
 def basename(uri: str) -> str:
+    """Return the last path component; an http(s) URL loses its query and fragment.
+
+    The query of a presigned URL contains its signature, which must not end up
+    in a local file name. In s3:// keys, '?' and '#' are ordinary characters.
+    """
+    if is_http(uri):
+        uri = uri.split("#", 1)[0].split("?", 1)[0]
     if is_remote(uri):
         return uri.rstrip("/").rsplit("/", 1)[-1]
     return os.path.basename(uri.rstrip(os.sep))
@@ -129,7 +143,7 @@ def s3_settings() -> S3Settings:
     import boto3
 
     session = boto3.Session()
-    client = session.client("s3")
+    client = session.client("s3", region_name=_region_override())
     endpoint = client.meta.endpoint_url
     # A default AWS endpoint is left to pyarrow, which derives it from the region.
     if endpoint and re.match(r"https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com", endpoint):
@@ -137,12 +151,23 @@ def s3_settings() -> S3Settings:
     credentials = session.get_credentials()
     frozen = credentials.get_frozen_credentials() if credentials is not None else None
     return S3Settings(
-        region=client.meta.region_name or session.region_name,
+        region=client.meta.region_name,
         endpoint_url=endpoint,
         access_key=frozen.access_key if frozen else None,
         secret_key=frozen.secret_key if frozen else None,
         session_token=frozen.token if frozen else None,
     )
+
+
+def _region_override() -> str | None:
+    """Return ``AWS_REGION`` when it is set, else None to let boto3 decide.
+
+    botocore 1.44 reads only ``AWS_DEFAULT_REGION`` and the profile's region.
+    Other AWS SDKs check ``AWS_REGION`` before the shared config file (AWS SDKs
+    and Tools Reference Guide, "AWS Region"), and AWS Lambda sets it, so here
+    it takes precedence too.
+    """
+    return os.environ.get("AWS_REGION") or None
 
 
 def reset_settings() -> None:
@@ -188,7 +213,7 @@ def boto3_client():
         read_timeout=REQUEST_TIMEOUT_S,
         retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
     )
-    return boto3.Session().client("s3", config=config)
+    return boto3.Session().client("s3", region_name=s3_settings().region, config=config)
 
 
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -211,6 +236,36 @@ def _describe(uri: str, exc: BaseException) -> str:
     return f"{redact(uri)}: {text[0] if text else type(exc).__name__}"
 
 
+def _bucket_not_found(uri: str) -> FileNotFoundError:
+    bucket, _ = split_s3(uri)
+    return FileNotFoundError(
+        f"bucket not found: {bucket!r} in {redact(uri)}; create it or fix the bucket name"
+    )
+
+
+def _storage_error(uri: str, exc: BaseException, missing: str = "not found") -> OSError:
+    """Translate an error from pyarrow, urllib or the OS into one that names the URI.
+
+    A missing file, key, bucket or http(s) resource becomes FileNotFoundError,
+    because pyarrow reports a missing bucket as a plain OSError. Anything else
+    becomes StorageError, with a hint when S3 rejected the credentials.
+    """
+    message = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return FileNotFoundError(f"{missing}: {redact(uri)}")
+    if _NO_SUCH_BUCKET in message:
+        return _bucket_not_found(uri)
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (404, 410):
+        return FileNotFoundError(f"{missing}: {redact(uri)} (HTTP {exc.code})")
+    text = _describe(uri, exc)
+    if _REJECTED_REQUEST.search(message):
+        text += (
+            "; S3 rejected the credentials or denied access: check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions"
+        )
+    return StorageError(text)
+
+
 def read_bytes(uri: str, *, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
     """Read a whole object: a local file, an ``s3://`` object or an ``http(s)`` URL."""
     try:
@@ -223,10 +278,8 @@ def read_bytes(uri: str, *, timeout: float = REQUEST_TIMEOUT_S) -> bytes:
                 return response.read()
         with open(uri, "rb") as handle:
             return handle.read()
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"not found: {redact(uri)}") from exc
-    except (OSError, urllib.error.URLError, ValueError) as exc:
-        raise StorageError(_describe(uri, exc)) from exc
+    except (OSError, ValueError) as exc:
+        raise _storage_error(uri, exc) from exc
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
@@ -248,10 +301,10 @@ def write_bytes(uri: str, data: bytes) -> None:
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, uri)
+    except StorageError:
+        raise
     except OSError as exc:
-        if isinstance(exc, StorageError):
-            raise
-        raise StorageError(_describe(uri, exc)) from exc
+        raise _storage_error(uri, exc) from exc
 
 
 def write_text(uri: str, text: str) -> None:
@@ -276,20 +329,19 @@ def is_dir(uri: str) -> bool:
 
 
 def file_info(uri: str) -> pafs.FileInfo:
+    """Return pyarrow's FileInfo; a missing file or key has type NotFound.
+
+    A bare ``s3://bucket`` that does not exist raises FileNotFoundError instead,
+    so that a wrong bucket name is reported rather than read as an empty folder.
+    """
     fs, path = filesystem_and_path(uri)
-    if is_s3(uri) and "/" not in path:
-        # A bare bucket: ask for its listing so a missing bucket raises here.
-        try:
-            fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=False))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"bucket not found: {redact(uri)}") from exc
-        except OSError as exc:
-            raise StorageError(_describe(uri, exc)) from exc
-        return pafs.FileInfo(path, pafs.FileType.Directory)
     try:
-        return fs.get_file_info(path)
+        info = fs.get_file_info(path)
     except OSError as exc:
-        raise StorageError(_describe(uri, exc)) from exc
+        raise _storage_error(uri, exc) from exc
+    if is_s3(uri) and "/" not in path and info.type == pafs.FileType.NotFound:
+        raise _bucket_not_found(uri)
+    return info
 
 
 def walk_files(root: str) -> Iterator[tuple[str, int]]:
@@ -302,10 +354,8 @@ def walk_files(root: str) -> Iterator[tuple[str, int]]:
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=False)
     try:
         infos = fs.get_file_info(selector)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"folder not found: {redact(root)}") from exc
     except OSError as exc:
-        raise StorageError(_describe(root, exc)) from exc
+        raise _storage_error(root, exc, missing="folder not found") from exc
     prefix = base.rstrip("/") + "/"
     files = []
     for info in infos:
@@ -326,33 +376,50 @@ def makedirs(uri: str) -> None:
 
 
 def delete_dir(uri: str) -> None:
-    """Delete a folder or S3 prefix and everything under it, if it exists."""
+    """Delete a folder or S3 prefix and everything under it, if it exists.
+
+    A bare ``s3://bucket`` raises StorageError before any request is sent,
+    because pyarrow would delete every object in the bucket and only then
+    refuse to delete the bucket itself.
+    """
     fs, path = filesystem_and_path(uri)
+    if is_s3(uri) and "/" not in path:
+        raise StorageError(
+            f"{redact(uri)}: deleting a whole bucket is not supported; pass a prefix such as "
+            f"s3://{path}/outputs"
+        )
     try:
         fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
     except OSError as exc:
-        raise StorageError(_describe(uri, exc)) from exc
+        error = _storage_error(uri, exc)
+        if not isinstance(error, FileNotFoundError):
+            raise error from exc
 
 
 def delete_file(uri: str) -> None:
+    """Delete a file or S3 object, if it exists."""
     fs, path = filesystem_and_path(uri)
     try:
         fs.delete_file(path)
-    except FileNotFoundError:
-        pass
     except OSError as exc:
-        raise StorageError(_describe(uri, exc)) from exc
+        error = _storage_error(uri, exc)
+        if not isinstance(error, FileNotFoundError):
+            raise error from exc
 
 
 def list_dir(uri: str) -> list[str]:
-    """Names of the direct children of a folder or S3 prefix (files and folders)."""
+    """Return the sorted names of the direct children of a folder or S3 prefix.
+
+    A missing folder or prefix gives an empty list, but a missing bucket raises
+    FileNotFoundError.
+    """
     fs, path = filesystem_and_path(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=False))
+    except FileNotFoundError:
+        return []
     except OSError as exc:
-        raise StorageError(_describe(uri, exc)) from exc
+        raise _storage_error(uri, exc) from exc
     return sorted(info.base_name for info in infos)
 
 
