@@ -26,6 +26,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -286,12 +287,18 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         num_cpus=1,
         memory=config.decode_memory_mb * 1024 * 1024,
     )
-    dataset.write_parquet(
-        staging,
-        filesystem=fs,
-        partition_cols=["part"],
-        min_rows_per_file=config.rows_per_shard,
-    )
+    # NOTE: Ray 2.60 deprecates min_rows_per_file together with partition_cols (removal
+    # announced for 2027); without it every small block would become its own file.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*min_rows_per_file.*", category=DeprecationWarning
+        )
+        dataset.write_parquet(
+            staging,
+            filesystem=fs,
+            partition_cols=["part"],
+            min_rows_per_file=config.rows_per_shard,
+        )
 
     # Swap the new shards in: drop the old ones, move each staged split into place.
     errors = _read_errors(fs, f"{staging}/part={ERROR_PART}")
