@@ -11,6 +11,10 @@ logger = logging.getLogger(__name__)
 # per process (Pillow's pixel limit) hold in every task and actor.
 WORKER_SETUP_HOOK = "herbray.imaging.configure_worker"
 
+# Ray's switch for multi-machine clusters (named for Windows and macOS, where it
+# is off by default); "0" keeps every server of a local Ray on 127.0.0.1.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a Ray cluster, or start a local one bound to 127.0.0.1.
@@ -30,10 +34,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # Ray 2.60 replaces a node address of 127.0.0.1 by the machine's network
+    # address, so its servers would listen on every interface. With this Ray
+    # setting off, a single-machine Ray uses the loopback address for all of them.
+    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     logger.info("starting a local Ray on 127.0.0.1 (num_cpus=%s)", num_cpus or "all")
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-    )
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)

@@ -13,6 +13,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # Tests never write ~/.ray/auth_token or require one: Ray's token auth is off for
 # the local clusters they start (a real deployment keeps it on).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray server a test starts listens on 127.0.0.1 only (see herbray.runtime).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Keep torch from oversubscribing small CI machines when Ray workers start.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
