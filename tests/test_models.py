@@ -338,6 +338,8 @@ def test_malicious_pickle_rejected(tmp_path):
     assert not marker.exists()
 
 
+# torch warns that the plain pickle uses a newer protocol than torch.save writes.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_plain_pickle_rejected(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
