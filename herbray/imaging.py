@@ -70,6 +70,8 @@ _EXIF_ORIENTATION = 0x0112
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
 
+_BMP_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
 # The final resize first shrinks by an integer factor with a box filter while
 # the remaining scale stays above this gap, then applies Lanczos. At 3.0 the
 # result is indistinguishable from a pure Lanczos resize, at a fraction of the
@@ -176,7 +178,9 @@ def sniff_format(data: bytes) -> str | None:
         return "JXL"
     if head[4:8] == b"ftyp":
         return _sniff_ftyp(data)
-    if head[:2] == b"BM" and len(head) >= 18:
+    # "BM" alone is too common at the start of text, so the DIB header size
+    # must be one of the BMP versions' sizes too.
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
         return "BMP"
     return None
 
@@ -204,7 +208,8 @@ def decode_image(
     """Decode an encoded image into an upright RGB array, downscaled on request.
 
     Args:
-        data: the file's bytes. The format is sniffed from them.
+        data: the file's bytes (or a bytearray or memoryview, which is copied).
+            The format is sniffed from them.
         short_side: the shorter side of the result in pixels. None keeps the
             full size. Images are never upscaled.
         max_side: optional cap in pixels on the longer side of the result,
@@ -221,6 +226,8 @@ def decode_image(
         ValueError: an argument is out of range.
     """
     _check_size_arguments(short_side, max_side, min_side)
+    if not isinstance(data, bytes):
+        data = bytes(data)  # bytearray or memoryview: the checks below need bytes methods
     if len(data) == 0:
         raise ImageDecodeError("empty_file", "the file is empty (0 bytes)")
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
@@ -243,16 +250,15 @@ def decode_image(
     img = _to_8bit(source.image, source.bit_depth)
 
     # Resize in the stored orientation, then transpose the small result.
-    if img.size != source.stored_target:
+    if img.size != source.resize_target:
         img = img.resize(
-            source.stored_target,
+            source.resize_target,
             Image.Resampling.LANCZOS,
             box=source.box,
             reducing_gap=_REDUCING_GAP,
         )
-    transpose = _ORIENTATION_TRANSPOSE.get(source.orientation)
-    if transpose is not None:
-        img = img.transpose(transpose)
+    if source.transpose is not None:
+        img = img.transpose(source.transpose)
 
     array = pil_to_rgb_array(img)
     return DecodedImage(
@@ -323,13 +329,14 @@ def target_size(
 class _Source:
     """A loaded page and the facts about it that the conversion steps need."""
 
-    image: Image.Image
+    image: Image.Image  # decoded, possibly at a reduced scale
     mode: str
     bit_depth: int
     orientation: int
-    original_size: tuple[int, int]  # after orientation
-    stored_target: tuple[int, int]  # target size in the stored (unrotated) orientation
+    original_size: tuple[int, int]  # full resolution, upright
+    resize_target: tuple[int, int]  # in the orientation that ``image`` is in
     box: tuple[float, float, float, float] | None  # region of ``image`` to resize from
+    transpose: Image.Transpose | None  # still to apply after the resize
 
 
 def _load_source(
@@ -354,19 +361,8 @@ def _load_source(
             _select_largest_page(img)
         except Exception as exc:
             raise _classify_load_error(exc, data, image_format, img) from exc
-        width, height = img.size
-
-        # Header checks come before any pixel is decoded.
-        if width * height > MAX_PIXELS:
-            msg = (
-                f"{width}x{height} = {width * height} pixels is above the limit of "
-                f"{MAX_PIXELS}; set {MAX_PIXELS_ENV} higher if the workers have the memory"
-            )
-            raise ImageDecodeError("pixel_limit", msg)
-        if min(width, height) < min_side:
-            msg = f"{width}x{height} pixels has a side below min_side={min_side}"
-            raise ImageDecodeError("too_small", msg)
-
+        stored_size = _stored_size(img)
+        _check_header_size(stored_size, min_side)
         mode = img.mode
         bit_depth = _source_bit_depth(img, data, image_format)
         try:
@@ -377,37 +373,73 @@ def _load_source(
             orientation = _read_orientation(img)
         except Exception as exc:
             raise _classify_load_error(exc, data, image_format, img) from exc
+
+        # Sizes in the stored orientation let the decoder scale before rotation.
         rotated = orientation in (5, 6, 7, 8)
-        original_size = (height, width) if rotated else (width, height)
+        original_size = stored_size[::-1] if rotated else stored_size
         target = target_size(*original_size, short_side, max_side)
-        stored_target = (target[1], target[0]) if rotated else target
-
+        stored_target = target[::-1] if rotated else target
         box = None
-        if stored_target != (width, height):
-            box = _reduce_while_decoding(img, image_format, stored_target)
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageDecodeError("pixel_limit", f"{exc}; raise {MAX_PIXELS_ENV}") from exc
-        except Exception as exc:
-            raise _classify_load_error(exc, data, image_format, img) from exc
-        if ImageFile.LOAD_TRUNCATED_IMAGES and _is_cut_off(data, image_format):
-            # Another library switched on Pillow's global "load what is there"
-            # mode; a cut-off file must still not pass as a whole image.
-            raise ImageDecodeError("truncated", _truncated_message(image_format))
-        if image_format == "PNG" and _png_is_cut_off(data, fast=True):
-            # Pillow decodes a PNG whose end chunk is missing without error.
-            raise ImageDecodeError("truncated", _truncated_message(image_format))
+        if stored_target != stored_size:
+            box = _reduce_while_decoding(img, data, image_format, stored_target)
+        _load_pixels(img, data, image_format)
 
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    resize_target = stored_target
+    if transpose is not None and image_format == "TIFF" and _EXIF_ORIENTATION not in img.tag_v2:
+        # Pillow 13 applies a TIFF's orientation while loading it and then
+        # deletes the tag; older versions leave both to the caller.
+        transpose, resize_target = None, target
     return _Source(
         image=img,
         mode=mode,
         bit_depth=bit_depth,
         orientation=orientation,
         original_size=original_size,
-        stored_target=stored_target,
+        resize_target=resize_target,
         box=box,
+        transpose=transpose,
     )
+
+
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """Return (width, height) of the page as stored, before any orientation."""
+    if img.format == "TIFF":
+        # Pillow 13 reports a TIFF's size after its orientation tag is applied.
+        width = img.tag_v2.get(TiffImagePlugin.IMAGEWIDTH, img.size[0])
+        height = img.tag_v2.get(TiffImagePlugin.IMAGELENGTH, img.size[1])
+        return int(width), int(height)
+    return img.size
+
+
+def _check_header_size(size: tuple[int, int], min_side: int) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        msg = (
+            f"{width}x{height} = {width * height} pixels is above the limit of "
+            f"{MAX_PIXELS}; set {MAX_PIXELS_ENV} higher if the workers have the memory"
+        )
+        raise ImageDecodeError("pixel_limit", msg)
+    if min(width, height) < min_side:
+        msg = f"{width}x{height} pixels has a side below min_side={min_side}"
+        raise ImageDecodeError("too_small", msg)
+
+
+def _load_pixels(img: Image.Image, data: bytes, image_format: str) -> None:
+    """Run the decoder and turn its failure, or a silently cut-off file, into a reason."""
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("pixel_limit", f"{exc}; raise {MAX_PIXELS_ENV}") from exc
+    except Exception as exc:
+        raise _classify_load_error(exc, data, image_format, img) from exc
+    if ImageFile.LOAD_TRUNCATED_IMAGES and _is_cut_off(data, image_format):
+        # Another library switched on Pillow's global "load what is there"
+        # mode; a cut-off file must still not pass as a whole image.
+        raise ImageDecodeError("truncated", _truncated_message(image_format))
+    if image_format == "PNG" and _png_is_cut_off(data, fast=True):
+        # Pillow decodes a PNG whose end chunk is missing without error.
+        raise ImageDecodeError("truncated", _truncated_message(image_format))
 
 
 def _select_largest_page(img: Image.Image) -> None:
@@ -429,7 +461,7 @@ def _select_largest_page(img: Image.Image) -> None:
 
 
 def _reduce_while_decoding(
-    img: Image.Image, image_format: str, size: tuple[int, int]
+    img: Image.Image, data: bytes, image_format: str, size: tuple[int, int]
 ) -> tuple[float, float, float, float] | None:
     """Ask the decoder for a smaller image no smaller than ``size``; return the source box.
 
@@ -441,18 +473,45 @@ def _reduce_while_decoding(
         return None if drafted is None else drafted[1]
     if image_format == "JPEG2000":
         width, height = img.size
+        # OpenJPEG fails on a reduction beyond the codestream's decomposition
+        # levels, so the count is read from the main header first.
+        available = _j2k_decomposition_levels(data)
         levels = 0
-        while width >> (levels + 1) >= size[0] and height >> (levels + 1) >= size[1]:
+        while (
+            levels < available
+            and width >> (levels + 1) >= size[0]
+            and height >> (levels + 1) >= size[1]
+        ):
             levels += 1
-        # NOTE: a level above the codestream's number of resolution levels
-        # fails in OpenJPEG, and Pillow does not expose that number; 5 is
-        # OpenJPEG's default for encoders.
-        levels = min(levels, 5)
         if levels:
             img.reduce = levels
             scale = 1 << levels
             return (0.0, 0.0, width / scale, height / scale)
     return None
+
+
+def _j2k_decomposition_levels(data: bytes) -> int:
+    """Return the wavelet decomposition levels of a JPEG 2000 codestream, 0 if unknown.
+
+    The count sits in the COD segment of the main header, which follows the
+    SIZ segment; a JP2 file wraps the codestream in boxes, so it is searched for.
+    """
+    start = data.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+    if start < 0:
+        return 0
+    pos = start + 2
+    while pos + 4 <= len(data):
+        marker = data[pos + 1]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos] != 0xFF or length < 2:
+            return 0
+        if marker == 0x52:  # COD: Lcod, Scod, progression, layers (2), MCT, levels
+            levels_at = pos + 9
+            return data[levels_at] if levels_at < len(data) else 0
+        if marker in (0x90, 0x93):  # SOT or SOD: the main header ended without COD
+            return 0
+        pos += 2 + length
+    return 0
 
 
 def _read_orientation(img: Image.Image) -> int:
@@ -525,8 +584,10 @@ def scale_to_uint8(samples: np.ndarray, bit_depth: int) -> np.ndarray:
     """Scale integer or float samples to uint8 by value, never by clipping.
 
     Integers of ``bit_depth`` bits keep their top 8 bits, and negative values
-    become 0. Floats in [0, 1] are multiplied by 255. Other floats are stretched
-    from their finite minimum and maximum to 0-255, and NaN or infinity becomes 0.
+    become 0. For 32-bit integers the smallest of the 8-, 16- and 31-bit ranges
+    that holds the largest sample is used. Floats in [0, 1] are multiplied by
+    255. Other floats are stretched from their finite minimum and maximum to
+    0-255, and NaN or infinity becomes 0.
     """
     if samples.dtype.kind == "f":
         values = samples.astype(np.float64)
@@ -539,10 +600,14 @@ def scale_to_uint8(samples: np.ndarray, bit_depth: int) -> np.ndarray:
         values = np.where(finite, values, 0.0)
         return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
-    shift = max(bit_depth - 8, 0)
-    maximum = (1 << bit_depth) - 1
-    values = np.clip(samples.astype(np.int64), 0, maximum)
-    return (values >> shift).astype(np.uint8)
+    values = samples.astype(np.int64)
+    if bit_depth >= 32:
+        # 32-bit integer pages (Pillow mode "I") rarely use their full range
+        # and often hold 8- or 16-bit data.
+        largest = int(values.max()) if values.size else 0
+        bit_depth = next(bits for bits in (8, 16, 31) if largest < (1 << bits))
+    values = np.clip(values, 0, (1 << bit_depth) - 1)
+    return (values >> max(bit_depth - 8, 0)).astype(np.uint8)
 
 
 def pil_to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -606,7 +671,7 @@ def _truncated_message(image_format: str) -> str:
 
 def _classify_open_error(exc: Exception, data: bytes, image_format: str) -> ImageDecodeError:
     detail = f"{type(exc).__name__}: {exc}"
-    if _is_cut_off(data, image_format):
+    if "truncated" in str(exc).lower() or _is_cut_off(data, image_format):
         return ImageDecodeError("truncated", f"{_truncated_message(image_format)} ({detail})")
     if image_format == "JPEG":
         unsupported = _jpeg_unsupported_process(data)
@@ -719,13 +784,16 @@ def _jpeg_unsupported_process(data: bytes) -> str | None:
     return None
 
 
+_PNG_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # length 0, type, CRC
+
+
 def _png_is_cut_off(data: bytes, *, fast: bool = False) -> bool:
     """Return True when the PNG's chunk list ends before its IEND chunk.
 
     ``fast`` first looks for IEND in the last 4 KiB, which settles the common
     complete file without walking every chunk.
     """
-    if fast and data.rfind(b"IEND", max(0, len(data) - 4096)) >= 0:
+    if fast and data.rfind(_PNG_IEND_CHUNK, max(0, len(data) - 4096)) >= 0:
         return False
     n = len(data)
     pos = 8
@@ -753,23 +821,68 @@ def _tiff_header(data: bytes) -> tuple[str, bool, int] | None:
     return order, False, struct.unpack(order + "I", data[4:8])[0]
 
 
-def _tiff_is_cut_off(data: bytes, img: Image.Image | None) -> bool:
-    n = len(data)
+# Bytes per value of each TIFF field type (TIFF 6.0 and BigTIFF).
+_TIFF_TYPE_SIZES = {
+    1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+    16: 8, 17: 8, 18: 8,
+}  # fmt: skip
+
+
+@dataclass
+class _TiffEntry:
+    tag: int
+    field_type: int
+    count: int
+    value_at: int  # file offset of the value, inline in the entry or out of line
+
+
+def _tiff_first_ifd(data: bytes) -> list[_TiffEntry] | None:
+    """Parse the entries of the first IFD; None when the file ends inside the entry table."""
     header = _tiff_header(data)
     if header is None:
-        return True
+        return None
     order, big, offset = header
-    count_size, entry_size = (8, 20) if big else (2, 12)
-    if offset + count_size > n:
+    count_code, count_size, entry_size, inline_size = ("Q", 8, 20, 8) if big else ("H", 2, 12, 4)
+    value_code = "Q" if big else "I"
+    if offset + count_size > len(data):
+        return None
+    count = struct.unpack(order + count_code, data[offset : offset + count_size])[0]
+    table = offset + count_size
+    if table + count * entry_size > len(data):
+        return None
+
+    entries = []
+    for index in range(count):
+        entry = table + index * entry_size
+        tag, field_type = struct.unpack(order + "HH", data[entry : entry + 4])
+        value_count = struct.unpack(order + value_code, data[entry + 4 : entry + 4 + inline_size])[
+            0
+        ]
+        value_field = entry + 4 + inline_size
+        size = value_count * _TIFF_TYPE_SIZES.get(field_type, 1)
+        if size <= inline_size:
+            value_at = value_field
+        else:
+            value_at = struct.unpack(
+                order + value_code, data[value_field : value_field + inline_size]
+            )[0]
+        entries.append(_TiffEntry(tag, field_type, value_count, value_at))
+    return entries
+
+
+def _tiff_is_cut_off(data: bytes, img: Image.Image | None) -> bool:
+    n = len(data)
+    entries = _tiff_first_ifd(data)
+    if entries is None:
         return True
-    count_format = order + ("Q" if big else "H")
-    count = struct.unpack(count_format, data[offset : offset + count_size])[0]
-    if offset + count_size + count * entry_size > n:
-        return True
+    for entry in entries:
+        size = entry.count * _TIFF_TYPE_SIZES.get(entry.field_type, 1)
+        if entry.value_at + size > n:
+            return True
     if img is None:
         return False
 
-    # The page's strips or tiles must lie inside the file.
+    # The current page's strips or tiles must lie inside the file.
     tags = img.tag_v2
     for offsets_tag, counts_tag in ((273, 279), (324, 325)):
         offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
@@ -783,28 +896,19 @@ def _tiff_is_cut_off(data: bytes, img: Image.Image | None) -> bool:
 
 
 def _tiff_first_compression(data: bytes) -> int | None:
-    """Read the Compression tag (259) of the first IFD, or None if it cannot be read."""
-    header = _tiff_header(data)
-    if header is None:
+    """Read the Compression tag (259) of the first IFD; None if it cannot be read."""
+    entries = _tiff_first_ifd(data)
+    if entries is None:
         return None
-    order, big, offset = header
-    count_size, entry_size = (8, 20) if big else (2, 12)
-    if offset + count_size > len(data):
-        return None
-    count = struct.unpack(order + ("Q" if big else "H"), data[offset : offset + count_size])[0]
-    start = offset + count_size
-    for index in range(min(count, 4096)):
-        entry = start + index * entry_size
-        if entry + 12 > len(data):
+    order = "<" if data[:2] == b"II" else ">"
+    for entry in entries:
+        if entry.tag != 259:
+            continue
+        code = {3: "H", 4: "I"}.get(entry.field_type)
+        size = _TIFF_TYPE_SIZES.get(entry.field_type, 0)
+        if code is None or entry.value_at + size > len(data):
             return None
-        tag, field_type = struct.unpack(order + "HH", data[entry : entry + 4])
-        if tag == 259:
-            value_at = entry + (12 if big else 8)
-            if field_type == 3:  # SHORT
-                return struct.unpack(order + "H", data[value_at : value_at + 2])[0]
-            if field_type == 4:  # LONG
-                return struct.unpack(order + "I", data[value_at : value_at + 4])[0]
-            return None
+        return struct.unpack(order + code, data[entry.value_at : entry.value_at + size])[0]
     return 1  # no tag: uncompressed
 
 
