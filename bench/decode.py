@@ -28,8 +28,8 @@ from herbray.imaging import decode_image, target_size
 def make_scan_jpeg(width: int = 4000, height: int = 6000, quality: int = 90) -> bytes:
     """Encode a synthetic sheet: off-white paper with grain, dark blobs and fine noise.
 
-    Sensor noise and texture keep the JPEG about as large as a real scan of the
-    same size, which matters because decode time grows with the coded data.
+    Sensor noise and texture make the JPEG large (about 8 MB at 4000x6000 and
+    quality 90), like a master scan, because decode time grows with the coded data.
     """
     rng = np.random.default_rng(0)
     small = rng.normal(0.0, 1.0, (height // 16, width // 16, 3))
@@ -81,8 +81,12 @@ def compare(name: str, data: bytes, short_side: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path, help="image files (default: generated)")
-    parser.add_argument("--short-side", type=int, default=384, help="output short side, pixels")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per variant per image")
+    parser.add_argument(
+        "--short-side", type=int, default=384, help="short side of the output, in pixels"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of each variant per image"
+    )
     args = parser.parse_args()
 
     if args.images:

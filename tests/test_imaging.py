@@ -68,7 +68,7 @@ def png_chunk(chunk_type: bytes, payload: bytes) -> bytes:
 
 
 def make_png(samples: np.ndarray) -> bytes:
-    """Write a PNG from (H, W) or (H, W, C) uint8/uint16 samples; Pillow cannot write 48-bit."""
+    """Write a PNG from (H, W) or (H, W, C) uint8/uint16 samples, which may be 48-bit RGB."""
     height, width = samples.shape[:2]
     channels = 1 if samples.ndim == 2 else samples.shape[2]
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
@@ -87,7 +87,7 @@ def make_png(samples: np.ndarray) -> bytes:
 def make_uniform_png(width: int, height: int) -> bytes:
     """A grey 8-bit PNG with a dark lower-right quarter, compressed row by row.
 
-    The file is a few hundred KB however large the image, and building it holds
+    The file is a few hundred KB however large the image, and building it keeps
     only one row in memory.
     """
     compressor = zlib.compressobj(1)
@@ -115,9 +115,10 @@ def make_tiff(
 ) -> bytes:
     """Write a TIFF from (H, W) or (H, W, C) uint8/uint16 arrays, one page each.
 
-    Pillow cannot write 48-bit RGB, tiled or big-endian TIFFs, which scanners
-    do produce. Each page's pixels come before its IFD. ``compression`` 8 is
-    deflate; any other value is written as the tag with uncompressed data.
+    Pillow cannot write 48-bit RGB or tiled TIFFs, which scanners produce, and
+    here the byte order can be chosen too. Each page's pixels come before its
+    IFD. ``compression`` 8 is deflate. Any other value is written as the tag,
+    with uncompressed data.
     """
     out = bytearray(b"II*\x00" if byteorder == "<" else b"MM\x00*") + bytes(4)
     next_pointer_at = 4
@@ -283,7 +284,7 @@ def test_draft_decode_close_to_full_decode():
     assert np.abs(result.array.astype(np.int16) - reference).mean() < 2.0
 
 
-def test_decoded_jpeg_accepts_memoryview_and_bytearray():
+def test_decode_accepts_bytes_like():
     data = encode(make_sheet(), "JPEG")
     assert decode_image(bytearray(data), 64).array.shape == (96, 64, 3)
     assert decode_image(memoryview(data), 64).array.shape == (96, 64, 3)
@@ -393,7 +394,7 @@ def test_truncated_jpeg_every_offset_kind(progressive, short_side):
         assert error.reason == "truncated", (cut, str(error))
 
 
-def test_truncated_jpeg_with_pillow_load_truncated_switched_on(monkeypatch):
+def test_truncated_jpeg_despite_load_truncated_images(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     data = make_noisy_jpeg(480, 640)
     for cut in (len(data) // 2, len(data) - 2):
@@ -456,7 +457,8 @@ def test_above_max_pixels_is_pixel_limit(monkeypatch):
 
 @pytest.mark.parametrize("pillow_limit_factor", [0.7, 0.4])
 def test_pillow_bomb_check_becomes_pixel_limit(monkeypatch, pillow_limit_factor):
-    # 0.7: Pillow only warns (warning filter set to error); 0.4: Pillow raises.
+    # At 0.7 Pillow only warns, which the "error" filter turns into an exception.
+    # At 0.4 Pillow raises DecompressionBombError.
     pixels = 300 * 300
     monkeypatch.setattr(imaging, "MAX_PIXELS", pixels - 1)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(pixels * pillow_limit_factor))
