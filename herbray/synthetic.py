@@ -1099,7 +1099,7 @@ def _draw_packet(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int]) -> N
 def _paper_tone(rng: np.random.Generator) -> RGB:
     """Pick a cream to off-white paper colour, as aged mounting paper looks on a scan."""
     red = rng.uniform(234, 247)
-    return (round(red), round(red - rng.uniform(2, 8)), round(red - rng.uniform(12, 26)))
+    return (round(red), round(red - rng.uniform(1, 5)), round(red - rng.uniform(10, 24)))
 
 
 def _texture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -1205,6 +1205,12 @@ def _draw_sheet(
     ly0 = paper_box[3] - label_h - round(ppc * rng.uniform(0.8, 1.4))
     label_box = (lx0, ly0, lx0 + label_w, ly0 + label_h)
 
+    # A fragment packet glued on first, so plant parts may lie over it.
+    if rng.random() < 0.4:
+        px0 = paper_box[2] - round(ppc * rng.uniform(6.5, 8))
+        py0 = paper_box[1] + round(ppc * rng.uniform(7, 10))
+        _draw_packet(draw, (px0, py0, px0 + round(ppc * 5), py0 + round(ppc * 6.5)))
+
     # The pressed plant, placed and if need be shrunk to fit the free paper.
     canvas = _Canvas()
     plant_height = min(36.0, ph / ppc * 0.72) * rng.uniform(0.7, 1.0)
@@ -1224,10 +1230,6 @@ def _draw_sheet(
     if rng.random() < 0.7:
         centre = (paper_box[2] - ppc * rng.uniform(3, 6), paper_box[1] + ppc * 4.5)
         _draw_stamp(draw, centre, ppc, label.institution)
-    if rng.random() < 0.4:
-        px0 = paper_box[2] - round(ppc * rng.uniform(6.5, 8))
-        py0 = paper_box[1] + round(ppc * rng.uniform(7, 10))
-        _draw_packet(draw, (px0, py0, px0 + round(ppc * 5), py0 + round(ppc * 6.5)))
     if framed:
         x = paper_box[0] + round(ppc * rng.uniform(0.5, 3))
         _draw_chart_and_ruler(draw, x, max(1, round(paper_box[1] * 0.1)), ppc * 0.55, 15)
