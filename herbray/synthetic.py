@@ -57,7 +57,7 @@ MAX_WORK_WIDTH = 1600
 # A standard herbarium mounting sheet is about 29 x 42 cm (11.5 x 16.5 inches).
 SHEET_WIDTH_CM = 29.0
 # Side of the square noise tile repeated over the sheet. Tiling keeps noise at
-# 24 megapixels cheap; a repeat every 512 pixels is invisible under the grain.
+# 24 megapixels cheap, and a repeat every 512 pixels is not visible in the grain.
 NOISE_TILE = 512
 
 
@@ -73,7 +73,8 @@ class DemoSpecies:
     ``herb`` (stems with roots), ``rosette`` (basal leaves with roots), ``tuft``
     (grass-like blades) or ``fronds`` (fern). ``leaf_shape`` is a simple blade
     shape (ovate, lanceolate, elliptic, linear, cordate, oak-lobed, palmate) or
-    a compound leaf (pinnate, trifoliate, frond). Lengths are in centimetres.
+    a compound leaf (pinnate, trifoliate, frond). ``venation`` describes the
+    species only, because the drawn veins follow from the blade shape.
     """
 
     genus: str
@@ -81,15 +82,15 @@ class DemoSpecies:
     family: str
     habit: str
     leaf_shape: str
-    margin: str
+    margin: str  # entire, serrate, crenate or lobed
     venation: str
-    arrangement: str
-    leaf_length_cm: float
-    leaf_width_ratio: float
-    petiole_ratio: float
-    leaf_colour: RGB
+    arrangement: str  # alternate, opposite or whorled on stems; basal otherwise
+    leaf_length_cm: float  # typical blade length (whole leaf for compound leaves)
+    leaf_width_ratio: float  # blade width / blade length
+    petiole_ratio: float  # petiole length / blade length (stipe share for fronds)
+    leaf_colour: RGB  # dried-leaf colour before per-leaf variation
     stem_colour: RGB
-    fertile_parts: str
+    fertile_parts: str  # flowers or fruits drawn, "none" for a sterile specimen
     authorship: str = "Herbray"
 
     @property
@@ -97,16 +98,10 @@ class DemoSpecies:
         """The full scientific name with authorship, as labels and folders show it."""
         return f"{self.genus} {self.epithet} {self.authorship}"
 
-    @property
-    def description(self) -> str:
-        """A one-line morphological description, for docs and logs."""
-        return (
-            f"{self.habit}; {self.arrangement} {self.leaf_shape} leaves, {self.margin} margin, "
-            f"{self.venation} venation; {self.fertile_parts}"
-        )
 
-
-# The first six are the most distinct and form the default demo.
+# The first six are the most distinct and form the default demo. Fields in order:
+# genus, epithet, family, habit, leaf_shape, margin, venation, arrangement,
+# leaf_length_cm, leaf_width_ratio, petiole_ratio, leaf_colour, stem_colour, fertile_parts.
 SPECIES: tuple[DemoSpecies, ...] = (
     DemoSpecies(
         "Quercus", "demoensis", "Fagaceae", "branch", "oak", "lobed", "pinnate",
@@ -240,7 +235,7 @@ class SheetLabel:
 
 
 def random_label(rng: np.random.Generator, collector: str | None = None) -> SheetLabel:
-    """Draw label data for one sheet; ``collector`` fixes the collector (and institution)."""
+    """Draw label data for one sheet. ``collector`` fixes the collector and so the institution."""
     if collector is None:
         collector = COLLECTORS[int(rng.integers(len(COLLECTORS)))][0]
     codes = dict(COLLECTORS)
