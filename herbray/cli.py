@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         "herbray.prepare:PrepareConfig",
         _run_prepare,
     )
+    _add_job(
+        commands,
+        "train",
+        "fine-tune a species classifier on prepared shards with Ray Train",
+        "herbray.train:TrainConfig",
+        _run_train,
+    )
     return parser
 
 
@@ -57,6 +64,14 @@ def _add_job(commands, name: str, help_text: str, config_path: str, run) -> None
     )
     add_arguments(parser, config_class)
     parser.set_defaults(run=run, config_class=config_class)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from herbray.train import train
+
+    result = train(resolve(args.config_class, args, args.config))
+    print(result.summary_line())
+    return 0
 
 
 def _run_prepare(args: argparse.Namespace) -> int:

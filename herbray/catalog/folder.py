@@ -31,6 +31,7 @@ SIDECAR_FIELDS = {
     "location": "locality",
     "country": "country",
     "institutioncode": "institution_code",
+    "catalognumber": "catalog_number",
     "url": "references",
 }
 
