@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "herbray.train:TrainConfig",
         _run_train,
     )
+    _add_job(
+        commands,
+        "label",
+        "label a digitized archive with species suggestions, into Parquet",
+        "herbray.label:LabelConfig",
+        _run_label,
+    )
     return parser
 
 
@@ -70,6 +77,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from herbray.train import train
 
     result = train(resolve(args.config_class, args, args.config))
+    print(result.summary_line())
+    return 0
+
+
+def _run_label(args: argparse.Namespace) -> int:
+    from herbray.label import label
+
+    result = label(resolve(args.config_class, args, args.config))
     print(result.summary_line())
     return 0
 

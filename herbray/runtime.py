@@ -24,19 +24,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     loopback with ``num_cpus`` CPUs (all of them when None). A Ray that is
     already initialised in this process is reused as it is.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray 2.60 replaces a node address of 127.0.0.1 by the machine's network
+        # address, so its servers would listen on every interface. With this Ray
+        # setting off, a single-machine Ray uses the loopback address for all of
+        # them. Ray reads it when first imported, so it is set before the import.
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and os.environ[LOCAL_ONLY_ENV] == "0":
+        from ray._private import ray_constants  # private: the value Ray cached at import
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     if address:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    # Ray 2.60 replaces a node address of 127.0.0.1 by the machine's network
-    # address, so its servers would listen on every interface. With this Ray
-    # setting off, a single-machine Ray uses the loopback address for all of them.
-    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     logger.info("starting a local Ray on 127.0.0.1 (num_cpus=%s)", num_cpus or "all")
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
