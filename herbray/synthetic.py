@@ -1379,8 +1379,9 @@ def generate_collection(
       sheets share a collector and a split grouped by collector is possible.
     - ``archive/box-NN/<catalog id>.jpg``: other sheets of the same species,
       shuffled into boxes of ``archive_box_size`` sheets, without sidecars.
-    - ``archive-truth.csv``: ``image_path`` (relative to ``archive/``),
-      ``scientific_name`` and ``specimen_id`` of every archive sheet.
+    - ``archive-truth.csv``: ``image_path`` (relative to ``out_dir``, so the file
+      is a manifest that ``herbray catalog`` reads), ``scientific_name`` and
+      ``specimen_id`` of every archive sheet.
 
     Each sheet's seed derives from ``seed``, its species and its index, so the
     output is the same for any ``workers`` count (None: one process per CPU).
@@ -1454,7 +1455,7 @@ def generate_collection(
             )
         )
         truth_rows.append(
-            (path.relative_to(archive_dir).as_posix(), species_list[s].scientific_name, specimen_id)
+            (path.relative_to(out).as_posix(), species_list[s].scientific_name, specimen_id)
         )
 
     sizes = _run_jobs(jobs, workers)

@@ -252,9 +252,9 @@ def test_generate_collection_archive_truth(demo):
     with (out / "archive-truth.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image_path", "scientific_name", "specimen_id"]
-    files = sorted(p.relative_to(out / "archive").as_posix() for p in out.rglob("archive/*/*"))
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("archive/*/*"))
     assert sorted(row["image_path"] for row in rows) == files
-    assert sorted({p.split("/")[0] for p in files}) == ["box-01", "box-02"]
+    assert sorted({p.split("/")[1] for p in files}) == ["box-01", "box-02"]
     assert len({row["specimen_id"] for row in rows}) == len(rows)
     names = [row["scientific_name"] for row in rows]
     for species in synthetic.SPECIES[:3]:
