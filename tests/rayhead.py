@@ -241,10 +241,10 @@ class RayHead:
         # Whatever is left of the tree (a job driver, a worker that missed the
         # shutdown) gets SIGKILL; the pids were children of this head.
         deadline = time.monotonic() + 5
-        survivors = [pid for pid in tree if _alive(pid)]
+        survivors = [pid for pid in tree if process_alive(pid)]
         while survivors and time.monotonic() < deadline:
             time.sleep(0.2)
-            survivors = [pid for pid in survivors if _alive(pid)]
+            survivors = [pid for pid in survivors if process_alive(pid)]
         for pid in survivors:
             logger.warning("killing leftover Ray process %d (%s)", pid, _process_name(pid))
             with contextlib.suppress(ProcessLookupError):
@@ -381,7 +381,8 @@ def _parent_pid(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as ended)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:

@@ -25,7 +25,7 @@ import pytest
 import ray
 import yaml
 from PIL import Image
-from rayhead import RayHead
+from rayhead import RayHead, process_alive
 
 from herbray.cli import build_parser
 from herbray.config import resolve
@@ -416,3 +416,20 @@ def test_ray_head_listens_on_loopback_only(ray_head):
     assert ray_head.dashboard_port in ports
     outside = [s for s in sockets if not s.is_loopback]
     assert not outside, f"Ray servers listening beyond 127.0.0.1: {outside}"
+
+
+def test_head_stop_leaves_other_ray(ray_head, ray_local):
+    # Runs last: it stops the module's head, which other tests use.
+    tree = ray_head.process_tree()
+    assert len(tree) > 3
+    ray_head.stop()
+    assert [pid for pid in tree if process_alive(pid)] == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ray_head.gcs_port), timeout=2).close()
+
+    # The test session's own Ray, started by ray.init in this process, still runs tasks.
+    @ray_local.remote
+    def add(a, b):
+        return a + b
+
+    assert ray_local.get(add.remote(2, 3)) == 5
