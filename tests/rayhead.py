@@ -235,11 +235,15 @@ class RayHead:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("ray start (pid %d) ignored SIGTERM; killing", self.process.pid)
+                logger.warning(
+                    "ray start (pid %d) still running %.0f s after SIGTERM; sending SIGKILL",
+                    self.process.pid,
+                    timeout,
+                )
                 self.process.kill()
                 self.process.wait()
         # Whatever is left of the tree (a job driver, a worker that missed the
-        # shutdown) gets SIGKILL; the pids were children of this head.
+        # shutdown) gets SIGKILL. Every pid in it descends from this head.
         deadline = time.monotonic() + 5
         survivors = [pid for pid in tree if process_alive(pid)]
         while survivors and time.monotonic() < deadline:
