@@ -51,7 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
         "herbray.label:LabelConfig",
         _run_label,
     )
+    _add_job(
+        commands,
+        "evaluate",
+        "measure a model on labelled specimens and choose the label threshold",
+        "herbray.evaluate:EvaluateConfig",
+        _run_evaluate,
+    )
+    _add_job(
+        commands,
+        "demo",
+        "run the whole pipeline on a generated offline demo collection",
+        "herbray.demo:DemoConfig",
+        _run_demo,
+    )
+    _add_export(commands)
     return parser
+
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export label rows as a Darwin Core Archive or CSV",
+        description="Export the rows of a herbray label output folder for a collection "
+        "database: a Darwin Core Archive (occurrences with the current identification, "
+        "Identification History with the top-k) or one CSV.",
+    )
+    parser.add_argument("labels", help="output folder of herbray label")
+    parser.add_argument(
+        "--format",
+        choices=("dwca", "csv"),
+        default="dwca",
+        help="dwca: zipped Darwin Core Archive; csv: one flat CSV (default: dwca)",
+    )
+    parser.add_argument("--output", required=True, help="file to write (.zip or .csv)")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from herbray.export import export_csv, export_dwca
+
+    if args.format == "dwca":
+        count = export_dwca(args.labels, args.output)
+    else:
+        count = export_csv(args.labels, args.output)
+    print(f"herbray export: {count} rows -> {args.output}")
+    return 0
 
 
 def _import(path: str):
@@ -86,6 +131,27 @@ def _run_label(args: argparse.Namespace) -> int:
 
     result = label(resolve(args.config_class, args, args.config))
     print(result.summary_line())
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from herbray.evaluate import evaluate
+
+    result = evaluate(resolve(args.config_class, args, args.config))
+    print(result.summary_line())
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from herbray.demo import run_demo
+
+    outputs = run_demo(resolve(args.config_class, args, args.config))
+    print(f"herbray demo finished in {outputs.pop('seconds')} s")
+    summary = outputs.pop("evaluation summary")
+    for name, path in outputs.items():
+        print(f"  {name:16} {path}")
+    if summary:
+        print(summary)
     return 0
 
 

@@ -118,6 +118,11 @@ class LabelConfig(SourceOptions):
         "rows per output Parquet file; a crash loses at most "
         "this many rows of work per running task",
     )
+    overwrite: bool = option(
+        False,
+        "delete earlier labels in the output folder and label "
+        "everything again (default: finish an earlier run)",
+    )
     verification_status: str = option("unverified", "identificationVerificationStatus of every row")
     ray_address: str | None = option(
         None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
@@ -165,8 +170,9 @@ def decode_for_model(batch: pa.Table, height: int, width: int, min_side: int) ->
             images[i] = resize_to_input(Image.fromarray(decoded.array), shape)
             widths.append(decoded.original_width)
             heights.append(decoded.original_height)
-            errors.append(None)
-            messages.append(None)
+            # Empty strings, not nulls: Ray Data turns an all-null column into floats.
+            errors.append("")
+            messages.append("")
         else:
             widths.append(None)
             heights.append(None)
@@ -182,8 +188,8 @@ def decode_for_model(batch: pa.Table, height: int, width: int, min_side: int) ->
             # -1 marks a size that is unknown because the scan failed.
             "width": np.array([-1 if w is None else w for w in widths], dtype=np.int32),
             "height": np.array([-1 if h is None else h for h in heights], dtype=np.int32),
-            "error": np.array(errors, dtype=object),
-            "error_message": np.array(messages, dtype=object),
+            "error": np.array(errors, dtype=str),
+            "error_message": np.array(messages, dtype=str),
         }
     )
     return out
@@ -220,12 +226,17 @@ class Classifier:
         import torch
 
         count = len(batch["image_uri"])
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        ok = np.array([_missing(e) for e in batch["error"]], dtype=bool)
         probabilities = np.zeros((count, len(self.names)), dtype=np.float32)
         if ok.any():
             logits = self.bundle.predict_logits(batch["image"][ok], amp_dtype=self.amp_dtype)
             probabilities[ok] = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
         return build_rows(batch, probabilities, ok, self)
+
+
+def _missing(value) -> bool:
+    """True for an empty cell: None, NaN (an all-null column in Ray Data) or ''."""
+    return value is None or value == "" or (isinstance(value, float) and value != value)
 
 
 def _amp_dtype(precision: str, device: str):
@@ -278,8 +289,7 @@ def build_rows(batch: dict, probabilities: np.ndarray, ok: np.ndarray, classifie
         values = batch.get(name)
         if values is None:
             return [None] * count
-        # Ray Data hands an all-null string column over as floats (NaN).
-        return [None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]
+        return [None if _missing(v) else str(v) for v in values]
 
     def ints(name: str) -> list:
         return [None if v < 0 else int(v) for v in batch[name]]
@@ -469,6 +479,10 @@ def label(config: LabelConfig) -> LabelResult:
     if catalog.records_without_media:
         skipped["no_media"] = catalog.records_without_media
 
+    if config.overwrite:
+        storage.delete_dir(storage.join(config.output, LABELS_DIR))
+        for name in ("run.json", "summary.json"):
+            storage.delete_file(storage.join(config.output, name))
     run = _check_run(
         config.output,
         {

@@ -88,3 +88,42 @@ def s3_bucket(s3_server) -> str:
     import uuid
 
     return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_collection(tmp_path_factory) -> Path:
+    """A small synthetic demo collection: 3 species x 6 sheets, plus a 6-sheet archive."""
+    from herbray import synthetic
+
+    out = tmp_path_factory.mktemp("tiny-collection")
+    synthetic.generate_collection(
+        out, n_species=3, sheets_per_species=6, archive_per_species=2, size=(300, 450), workers=1
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(ray_local, tiny_collection, tmp_path_factory) -> Path:
+    """A model bundle of the tiny test model, trained for 2 epochs on ``tiny_collection``."""
+    from herbray.prepare import PrepareConfig, prepare
+    from herbray.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    prepare(
+        PrepareConfig(
+            input=str(tiny_collection / "collection"), output=str(root / "prepared"), short_side=96
+        )
+    )
+    train(
+        TrainConfig(
+            shards=str(root / "prepared"),
+            output=str(root / "model"),
+            model="test_tiny",
+            weights="none",
+            epochs=2,
+            batch_size=8,
+            input_size=64,
+            num_workers=1,
+        )
+    )
+    return root / "model"
