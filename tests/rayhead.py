@@ -230,6 +230,8 @@ class RayHead:
         if self.process is None:
             return
         tree = self.process_tree()
+
+        # ray start --block stops its node's processes on SIGTERM.
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -242,6 +244,7 @@ class RayHead:
                 )
                 self.process.kill()
                 self.process.wait()
+
         # Whatever is left of the tree (a job driver, a worker that missed the
         # shutdown) gets SIGKILL. Every pid in it descends from this head.
         deadline = time.monotonic() + 5
@@ -253,6 +256,7 @@ class RayHead:
             logger.warning("killing leftover Ray process %d (%s)", pid, _process_name(pid))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
         self.process = None
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
