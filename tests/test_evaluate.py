@@ -310,6 +310,50 @@ def test_known_species_estimated_without_bundle(tmp_path):
     assert result.evaluation["unseen_species"]["images"] == 1
 
 
+def test_model_option_sets_species_list(tmp_path):
+    # --model with --labels names the species list, here without Acer rubrum.
+    paths = write_hand_case(tmp_path)
+    bundle = tmp_path / "other-bundle"
+    bundle.mkdir()
+    LabelMap((QA, QR, SN), (3, 3, 3)).save(str(bundle / "labels.json"))
+    result = evaluate(
+        EvaluateConfig(
+            labels=paths["labels"],
+            truth=paths["truth"],
+            model=str(bundle),
+            output=str(tmp_path / "out"),
+        )
+    )
+    model = result.evaluation["model"]
+    assert model["known_species"] == 3
+    assert model["known_species_source"] == "labels.json of --model"
+    assert model["bundle"] == str(bundle)
+    with pytest.raises(FileNotFoundError):
+        evaluate(
+            EvaluateConfig(
+                labels=paths["labels"],
+                truth=paths["truth"],
+                model=str(tmp_path / "missing"),
+                output=str(tmp_path / "out2"),
+            )
+        )
+
+
+def test_output_to_s3(tmp_path, s3_bucket):
+    from herbray import storage
+
+    paths = write_hand_case(tmp_path)
+    output = f"s3://{s3_bucket}/evaluations/hand"
+    result = evaluate(EvaluateConfig(labels=paths["labels"], truth=paths["truth"], output=output))
+    assert result.evaluation["top1"] == pytest.approx(0.5)
+    for name in ("report.md", "evaluation.json", "per_species.csv", "rows.parquet"):
+        assert storage.exists(f"{output}/{name}"), name
+    png = storage.read_bytes(f"{output}/confusion.png")
+    assert png.startswith(b"\x89PNG")
+    saved = json.loads(storage.read_text(f"{output}/evaluation.json"))
+    assert saved["images"] == 8
+
+
 def test_genus_column_overrides_first_word(tmp_path):
     # img4's truth genus is set to Salix, so its Salix prediction is right at genus level.
     # Rows with an empty genus cell fall back to the first word.
