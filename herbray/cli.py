@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (CatalogError, ConfigError, StorageError, FileNotFoundError) as exc:
-        # Input problems get one clear line, not a traceback.
+    except (CatalogError, ConfigError, StorageError, FileNotFoundError, ValueError) as exc:
+        # Input problems (herbray raises ValueError for invalid inputs and outputs)
+        # get one clear line; --log-level DEBUG shows the traceback too.
+        logging.getLogger("herbray").debug("traceback", exc_info=exc)
         print(f"herbray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
