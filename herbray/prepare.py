@@ -256,6 +256,8 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     from herbray.runtime import init_ray
 
     start = time.time()
+    # A missing output bucket fails here, before the work, with the URI in the message.
+    storage.check_bucket(config.output)
     catalog = config.read_source(config.input)
     table, labels, extra = build_training_table(catalog, config)
     logger.info(

@@ -344,6 +344,27 @@ def file_info(uri: str) -> pafs.FileInfo:
     return info
 
 
+def check_bucket(uri: str) -> None:
+    """Raise FileNotFoundError naming the bucket when an ``s3://`` URI's bucket is missing.
+
+    Jobs call this before writing to S3, because pyarrow, Ray Data and Ray Train
+    report a missing bucket without the URI and suggest pyarrow's
+    ``allow_bucket_creation`` option, which herbray does not expose. Any other
+    error (credentials allowed on a prefix only, for example) is left to the
+    write itself to report. Local paths and http(s) URLs pass unchecked.
+    """
+    if not is_s3(uri):
+        return
+    bucket, _ = split_s3(uri)
+    try:
+        info = s3_filesystem().get_file_info(bucket)
+    except OSError as exc:
+        logger.debug("cannot check bucket %r before writing: %s", bucket, redact(str(exc)))
+        return
+    if info.type == pafs.FileType.NotFound:
+        raise _bucket_not_found(uri)
+
+
 def walk_files(root: str) -> Iterator[tuple[str, int]]:
     """Yield (path relative to root, size in bytes) for every file under root.
 
