@@ -475,6 +475,9 @@ def train(config: TrainConfig) -> TrainResult:
     from herbray.transforms import InputShape
 
     started = time.time()
+    # A missing bucket fails here, before Ray starts, with the URI in the message.
+    for uri in (config.output, config.storage_path or config.output):
+        storage.check_bucket(uri)
     prepared = load_prepared(config.shards)
     labels = prepared.labels
     spec = models.get_spec(config.model)
