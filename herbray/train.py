@@ -95,9 +95,13 @@ class TrainConfig:
         1, "training workers (data-parallel); 0 runs in this process without checkpoints on storage"
     )
     use_gpu: bool = option(False, "one GPU per worker")
-    cpus_per_worker: int = option(1, "CPUs reserved per worker")
-    torch_threads: int | None = option(None, "torch threads per worker (default: cpus-per-worker)")
-    data_cpus: float = option(1.0, "CPUs per Ray Data decode/augment task")
+    cpus_per_worker: float = option(
+        1.0, "CPUs reserved per worker; fractions such as 0.5 let workers share a CPU"
+    )
+    torch_threads: int | None = option(
+        None, "torch threads per worker (default: cpus-per-worker rounded, at least 1)"
+    )
+    data_cpus: float = option(1.0, "CPUs per Ray Data read and decode/augment task")
     name: str = option("herbray-train", "run name; the same name and storage path resume")
     storage_path: str | None = option(
         None, "where runs and checkpoints live, local or s3:// (default: OUTPUT/runs)"
@@ -122,6 +126,15 @@ class TrainConfig:
         cfg.require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         cfg.require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         cfg.require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        cfg.require(
+            self.cpus_per_worker > 0,
+            f"cpus_per_worker must be positive, got {self.cpus_per_worker}",
+        )
+        cfg.require(self.data_cpus > 0, f"data_cpus must be positive, got {self.data_cpus}")
+        cfg.require(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"torch_threads must be >= 1, got {self.torch_threads}",
+        )
         cfg.require(
             0 <= self.head_epochs <= self.epochs,
             f"head_epochs must be between 0 and epochs ({self.epochs}), got {self.head_epochs}",
@@ -163,6 +176,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def torch_threads(requested: int | None, cpus_per_worker: float) -> int:
+    """Threads of torch's intra-op pool on a worker: ``requested``, else its CPUs (at least 1)."""
+    return requested or max(1, round(cpus_per_worker))
+
+
 def _autocast_dtype(precision: str, device_type: str):
     import torch
 
@@ -192,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     c = loop_config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(c["torch_threads"] or c["cpus_per_worker"])
+    torch.set_num_threads(torch_threads(c["torch_threads"], c["cpus_per_worker"]))
     torch.manual_seed(c["seed"] + rank)
     device = ray.train.torch.get_device()
     num_classes = len(c["species_counts"])
@@ -426,6 +444,32 @@ def _split_counts(prepared, num_classes: int) -> list[int]:
     return list(prepared.labels.counts)
 
 
+def check_data_cpus(config: TrainConfig, cluster_cpus: float, *, local: bool) -> None:
+    """Raise (local Ray) or warn (cluster) when the workers leave no CPU for Ray Data.
+
+    Ray Data runs its tasks on the CPUs that Ray Train has not reserved for its
+    workers: file listing takes 1 CPU and each read and decode/augment task
+    ``data_cpus``. With less free, the first epoch waits forever for its data.
+    A cluster may still add nodes, so there this is only a warning.
+    """
+    worker_cpus = config.num_workers * config.cpus_per_worker
+    free = cluster_cpus - worker_cpus
+    needed = max(1.0, config.data_cpus)
+    if free >= needed:
+        return
+    message = (
+        f"num_workers x cpus_per_worker = {config.num_workers} x {config.cpus_per_worker:g} "
+        f"reserves {worker_cpus:g} of the {cluster_cpus:g} CPUs of the Ray cluster, which "
+        f"leaves {max(free, 0):g} for the Ray Data read and decode tasks, but they need "
+        f"{needed:g} (data_cpus={config.data_cpus:g}, and 1 for file listing); lower "
+        "--cpus-per-worker (fractions such as 0.5 are allowed), --num-workers or "
+        "--data-cpus, or give Ray more CPUs (--num-cpus)"
+    )
+    if local:
+        raise cfg.ConfigError(message)
+    logger.warning("%s; training waits until the cluster has the CPUs", message)
+
+
 def build_datasets(prepared, config: TrainConfig, shape) -> dict:
     """Ray Data datasets of the prepared splits, decoded and (for train) augmented."""
     import ray.data
@@ -439,7 +483,9 @@ def build_datasets(prepared, config: TrainConfig, shape) -> dict:
         if uri is None:
             continue
         _, path = storage.filesystem_and_path(uri)
-        dataset = ray.data.read_parquet(path, filesystem=fs, columns=["image", "label"])
+        dataset = ray.data.read_parquet(
+            path, filesystem=fs, num_cpus=config.data_cpus
+        ).select_columns(["image", "label"])
         if split == "train":
             dataset = dataset.randomize_block_order().map_batches(
                 train_batch,
@@ -465,6 +511,7 @@ def build_datasets(prepared, config: TrainConfig, shape) -> dict:
 
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune on prepared shards with Ray Train and write a model bundle."""
+    import ray
     import ray.train
     import torch
     from ray.train.torch import TorchTrainer
@@ -488,6 +535,11 @@ def train(config: TrainConfig) -> TrainResult:
     counts = _split_counts(prepared, len(labels))
 
     init_ray(config.ray_address, config.num_cpus)
+    check_data_cpus(
+        config,
+        ray.cluster_resources().get("CPU", 0.0),
+        local=not (config.ray_address or os.environ.get("RAY_ADDRESS")),
+    )
     datasets = build_datasets(prepared, config, shape)
     workers = max(config.num_workers, 1)
     loop_config = {
