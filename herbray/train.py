@@ -282,7 +282,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
 
     def evaluate(split: str) -> dict:
-        model.eval()
+        # Evaluate the unwrapped network, because DDP's forward broadcasts buffers on
+        # every batch, and that collective hangs when shards differ in batch count.
+        network = _unwrap(model)
+        network.eval()
+        if world > 1:
+            # Rank 0's batch-norm statistics, which are also the ones checkpointed.
+            for buffer in network.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         counts = ClassCounts(num_classes)
         with torch.inference_mode():
             for batch in batches(split, c["batch_size"] * 2):
@@ -295,13 +302,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 y = batch["label"].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
+                    logits = network(x)
                 loss = eval_criterion(logits.float(), y).item()
                 counts.update(logits.float().cpu().numpy(), y.cpu().numpy(), loss)
-        vector = torch.tensor(counts.to_vector(), dtype=torch.float64)
+        # On the device, because NCCL reduces only GPU tensors.
+        vector = torch.tensor(counts.to_vector(), dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(vector)
-        return ClassCounts.from_vector(vector.numpy(), num_classes).summary(prefix=f"{split}_")
+        merged = ClassCounts.from_vector(vector.cpu().numpy(), num_classes)
+        return merged.summary(prefix=f"{split}_")
 
     for epoch in range(start_epoch, c["epochs"]):
         # One pass over this worker's shard of the training split.
@@ -330,9 +339,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_seconds = time.time() - started
 
         # Validation (and, after the last epoch, the test split) on every worker's shard.
-        totals = torch.tensor([seen, loss_sum, train_seconds], dtype=torch.float64)
+        totals = torch.tensor([seen, loss_sum, train_seconds], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(totals[1] / max(totals[0], 1)),
@@ -581,6 +591,7 @@ def train(config: TrainConfig) -> TrainResult:
         ),
         run_config=run_config,
         datasets=datasets,
+        dataset_config=_data_config(),
     )
     logger.info(
         "training %s on %d images of %d species, %d worker(s), input %dx%d, run %s in %s",
@@ -623,6 +634,37 @@ def train(config: TrainConfig) -> TrainResult:
     )
     logger.info(outcome.summary_line())
     return outcome
+
+
+def _data_config():
+    """Ray Train dataset sharding: equal training shards, complete evaluation shards.
+
+    Every worker must run the same number of training steps, because each step
+    all-reduces gradients, so the training split is cut into equal shards (Ray
+    drops up to ``num_workers - 1`` rows per epoch for that). Ray Train's default
+    cuts validation and test the same way, which leaves images out of the metrics.
+    Here they are cut into shards of any size, so every image is evaluated once.
+    """
+    from ray.train import DataConfig
+
+    class _Config(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            split = {name: ds for name, ds in datasets.items() if name == "train"}
+            output = super().configure(split, world_size, worker_handles, worker_node_ids, **kwargs)
+            for name, dataset in datasets.items():
+                if name in split:
+                    continue
+                dataset = dataset.copy(dataset)
+                dataset.set_name(name)
+                dataset.context.execution_options = self.default_ingest_options()
+                shards = dataset.streaming_split(
+                    world_size, equal=False, locality_hints=worker_node_ids
+                )
+                for rank, shard in enumerate(shards):
+                    output[rank][name] = shard
+            return output
+
+    return _Config()
 
 
 def _metrics_callback(uri: str):
