@@ -19,10 +19,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -256,6 +258,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Resume from the newest checkpoint of this run, if there is one.
     start_epoch = 0
+    history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -267,6 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
+        history = list(state.get("history", []))
         if rank == 0:
             logger.info("resuming after epoch %d from %s", start_epoch, checkpoint.path)
 
@@ -359,7 +363,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.info(format_epoch(metrics, c["epochs"]))
 
         # Every worker reports; rank 0 attaches the checkpoint.
-        with tempfile.TemporaryDirectory() as folder:
+        history.append(metrics)
+        with _checkpoint_folder(c["local_checkpoint_dir"]) as folder:
             checkpoint = None
             if rank == 0:
                 torch.save(
@@ -370,11 +375,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "scaler": scaler.state_dict(),
                         "epoch": epoch,
                         "metrics": metrics,
+                        "history": history,
                     },
                     os.path.join(folder, CHECKPOINT_FILE),
                 )
                 checkpoint = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(keep: str | None):
+    """Yield a folder for one checkpoint: temporary, or ``keep`` when Ray Train does not copy it.
+
+    With workers, ``ray.train.report`` copies the checkpoint to storage, so a
+    temporary folder suffices. With ``num_workers=0`` (Ray 2.60 local mode) the
+    reported checkpoint is only a reference to the folder, which must outlive the loop.
+    """
+    if keep is None:
+        with tempfile.TemporaryDirectory() as folder:
+            yield folder
+    else:
+        os.makedirs(keep, exist_ok=True)
+        yield keep
 
 
 def _unwrap(model):
@@ -523,7 +545,6 @@ def train(config: TrainConfig) -> TrainResult:
     """Fine-tune on prepared shards with Ray Train and write a model bundle."""
     import ray
     import ray.train
-    import torch
     from ray.train.torch import TorchTrainer
 
     from herbray.bundle import write_bundle
@@ -562,6 +583,7 @@ def train(config: TrainConfig) -> TrainResult:
         "has_val": "val" in datasets,
         "has_test": "test" in datasets,
         "shuffle_buffer": min(256, max(config.batch_size * 4, 32)),
+        "local_checkpoint_dir": None,
     }
     if "val" not in datasets:
         logger.warning(
@@ -583,6 +605,14 @@ def train(config: TrainConfig) -> TrainResult:
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
+    if config.num_workers == 0:
+        loop_config["local_checkpoint_dir"] = tempfile.mkdtemp(prefix="herbray-train-")
+        logger.warning(
+            "num_workers=0 runs the training loop in this process, where Ray Train keeps no "
+            "checkpoints on storage: this run cannot resume and writes no metrics.jsonl to %s; "
+            "use --num-workers 1 or more for both",
+            storage_uri,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -604,19 +634,15 @@ def train(config: TrainConfig) -> TrainResult:
         config.name,
         storage_uri,
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {config.name} finished without a checkpoint in {storage_uri}")
+    try:
+        state = _fit(trainer, f"run {config.name} in {storage_uri}")
+    finally:
+        if loop_config["local_checkpoint_dir"] is not None:
+            shutil.rmtree(loop_config["local_checkpoint_dir"], ignore_errors=True)
 
-    # The bundle comes from the final checkpoint.
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(
-            os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True
-        )
-    history = read_history(history_uri) or [state["metrics"]]
+    # The bundle comes from the final checkpoint, with the epochs that led to it.
     metrics = state["metrics"]
+    history = state.get("history") or read_history(history_uri) or [metrics]
     write_bundle(
         config.output,
         state_dict=state["model"],
@@ -634,6 +660,44 @@ def train(config: TrainConfig) -> TrainResult:
     )
     logger.info(outcome.summary_line())
     return outcome
+
+
+def _fit(trainer, run: str) -> dict:
+    """Run ``trainer`` and return the state saved in its final checkpoint.
+
+    A worker's :class:`NonFiniteLossError` is raised as itself, so its message
+    (with the epoch and step) is the error, not a Ray traceback around it.
+    """
+    import ray.train
+    import torch
+
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = _find_cause(failure, NonFiniteLossError)
+            if cause is not None:
+                raise NonFiniteLossError(str(cause)) from exc
+        raise
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(
+            os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True
+        )
+
+
+def _find_cause(error: BaseException, kind: type) -> BaseException | None:
+    """Return the first ``kind`` exception in the chain of ``error`` (Ray wraps worker errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
 
 
 def _data_config():
