@@ -8,6 +8,13 @@ profile's ``endpoint_url``). boto3 resolves them once per process, and the same
 resolved values configure pyarrow's S3 filesystem, which Ray Data and Ray Train
 use. So one setting reaches every reader and writer.
 
+Static keys (from the variables or a credentials file) are passed to pyarrow.
+Temporary credentials from an EC2 instance profile, an ECS task role, web
+identity (EKS IRSA) or ``credential_process`` are not,
+because frozen they would expire mid-job (after an hour for many roles).
+pyarrow's AWS SDK resolves and refreshes those itself, from the same variables,
+files and metadata endpoints.
+
 Paths and keys are kept byte for byte: nothing is URL-decoded or encoded, so a
 key with spaces, ``+``, ``%`` or ``#`` is read and reported exactly as listed.
 """
@@ -123,24 +130,38 @@ def resolve(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, path))
 
 
+# botocore's names of temporary credential sources that pyarrow's AWS SDK (C++)
+# resolves and refreshes itself. Its default chain (AWS SDK for C++ 1.11 docs,
+# "Credentials Providers") reads the variables and shared files, web identity,
+# credential_process, the ECS container endpoint and EC2 instance metadata.
+SELF_REFRESHED_SOURCES = frozenset(
+    {"env", "iam-role", "container-role", "assume-role-with-web-identity", "custom-process"}
+)
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """S3 connection settings as boto3 resolved them. Never logged with secrets."""
 
     region: str | None
     endpoint_url: str | None
-    access_key: str | None
+    access_key: str | None  # None: pyarrow's AWS SDK resolves the credentials itself
     secret_key: str | None
     session_token: str | None
+    credential_source: str | None = None  # botocore's method name: env, iam-role, sso...
 
     def __repr__(self) -> str:  # keeps keys out of logs and tracebacks
-        return f"S3Settings(region={self.region!r}, endpoint_url={self.endpoint_url!r})"
+        return (
+            f"S3Settings(region={self.region!r}, endpoint_url={self.endpoint_url!r}, "
+            f"credential_source={self.credential_source!r})"
+        )
 
 
 @functools.lru_cache(maxsize=1)
 def s3_settings() -> S3Settings:
     """Resolve S3 settings through boto3, the same way the AWS CLI does."""
     import boto3
+    from botocore.credentials import RefreshableCredentials
 
     session = boto3.Session()
     client = session.client("s3", region_name=_region_override())
@@ -149,13 +170,29 @@ def s3_settings() -> S3Settings:
     if endpoint and re.match(r"https://s3[.-]([a-z0-9-]+[.-])?amazonaws\.com", endpoint):
         endpoint = None
     credentials = session.get_credentials()
-    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    source = getattr(credentials, "method", None)
+    frozen = None
+    refreshable = isinstance(credentials, RefreshableCredentials)
+    if refreshable and source in SELF_REFRESHED_SOURCES:
+        logger.info("S3 credentials from %s refresh; pyarrow resolves them itself", source)
+    elif credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        if refreshable:
+            # NOTE: these sources (SSO, assume-role profiles) are not in the AWS SDK
+            # for C++ default chain as documented, so pyarrow gets a frozen copy.
+            logger.warning(
+                "S3 credentials from %s are temporary and cannot be refreshed in pyarrow, "
+                "so S3 requests fail once they expire; for long jobs use an instance or "
+                "container role, web identity or credential_process",
+                source,
+            )
     return S3Settings(
         region=client.meta.region_name,
         endpoint_url=endpoint,
         access_key=frozen.access_key if frozen else None,
         secret_key=frozen.secret_key if frozen else None,
         session_token=frozen.token if frozen else None,
+        credential_source=source,
     )
 
 
