@@ -215,7 +215,12 @@ def load_bundle(root: str, device: str = "cpu") -> Bundle:
         )
     import safetensors.torch
 
-    state = safetensors.torch.load(data)
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise ValueError(
+            f"{storage.redact(weights_uri)} is not a valid safetensors file: {exc}"
+        ) from exc
     # The architecture alone: the bundle's weights replace every tensor below.
     model = models.get_spec(info["model"]).builder(len(labels))
     missing, unexpected = model.load_state_dict(state, strict=False)

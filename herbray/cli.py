@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # The level applies to herbray's loggers only: other libraries stay at WARNING,
+    # because botocore at DEBUG would log request headers with the access key id.
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("herbray").setLevel(args.log_level)
     try:
         return int(args.run(args) or 0)
     except (CatalogError, ConfigError, StorageError, FileNotFoundError, ValueError) as exc:
