@@ -47,8 +47,8 @@ object store's included, in every process that maps it, so the sums are upper
 bounds.
 
 Small runs understate herbray. Ray Data 2.60 learns the cluster's CPUs about a
-second into each run, so until then it runs one decode task. That costs about
-half a second on 2 CPUs, whatever the number of images. Ray Data's progress bars
+second into each run and until then runs at most one decode task, so every run
+loses up to a second, whatever the number of images. Ray Data's progress bars
 are off, so the table stays readable. Run on a quiet machine where possible and
 repeat, because a shared machine moves absolute figures by up to 2x.
 """
