@@ -9,6 +9,7 @@ Output folder (local or ``s3://``)::
     prepare.json     written last: its presence marks a complete run
     labels.json      species <-> index map
     report.json      counts per species and split, errors per reason, skipped files
+    splits/{train,val,test}.parquet  each split's catalog rows without images: manifests
     config.yaml      the resolved settings
     errors.parquet   one row per input that failed, with its reason
     shards/{train,val,test}/*.parquet
@@ -313,6 +314,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     errors = _read_errors(fs, f"{staging}/part={ERROR_PART}")
     shards = f"{base}/shards"
     _delete_dir(fs, shards)
+    _delete_dir(fs, f"{base}/splits")
     for split in SPLITS:
         files = _list_files(fs, f"{staging}/part={split}")
         if files:
@@ -323,6 +325,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     _delete_dir(fs, staging)
 
     counts = _count_shards(fs, shards)
+    manifests = _write_split_manifests(fs, base, shards)
     seconds = time.time() - start
     report = {
         "source": config.input,
@@ -349,6 +352,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         "source": config.input,
         "labels": "labels.json",
         "shards": {s: f"shards/{s}" for s in SPLITS if report["images_by_split"][s]},
+        "manifests": manifests,
         "images_by_split": report["images_by_split"],
         "short_side": config.short_side,
         "image_column": IMAGE_COLUMN,
@@ -402,6 +406,28 @@ def _read_errors(fs: pafs.FileSystem, path: str) -> pa.Table:
         return schema.empty_table()
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     return dataset.to_table(columns=list(ERROR_COLUMNS)).cast(schema)
+
+
+def _write_split_manifests(fs: pafs.FileSystem, base: str, shards: str) -> dict[str, str]:
+    """Write ``splits/<split>.parquet``: each split's catalog rows, without the images.
+
+    These are manifests the catalog reader takes as they are, so a split can be
+    labelled or evaluated again from the original scans (``herbray evaluate
+    --input OUT/splits/test.parquet``).
+    """
+    written = {}
+    for split in SPLITS:
+        files = [info.path for info in _list_files(fs, f"{shards}/{split}")]
+        if not files:
+            continue
+        dataset = pads.dataset(files, filesystem=fs, format="parquet")
+        columns = [n for n in dataset.schema.names if n not in ("image", "error", "error_message")]
+        fs.create_dir(f"{base}/splits", recursive=True)
+        pq.write_table(
+            dataset.to_table(columns=columns), f"{base}/splits/{split}.parquet", filesystem=fs
+        )
+        written[split] = f"splits/{split}.parquet"
+    return written
 
 
 def _count_shards(fs: pafs.FileSystem, shards: str) -> dict[int, dict[str, int]]:

@@ -99,6 +99,17 @@ def test_prepare_report_and_outputs(violaceae_prepared):
     assert "images/s" in result.summary_line()
 
 
+def test_prepare_split_manifests_read_back(violaceae_prepared):
+    from herbray.catalog import read_catalog
+
+    output, result = violaceae_prepared
+    for split, count in result.report["images_by_split"].items():
+        catalog = read_catalog(os.path.join(output, "splits", f"{split}.parquet"))
+        assert catalog.num_images == count
+        assert set(catalog.table.column("split").to_pylist()) == {split}
+        assert all(os.path.isfile(uri) for uri in catalog.table.column("image_uri").to_pylist())
+
+
 # Outcome of every file in bad-inputs: a reason code, or a check of the stored pixels.
 BAD_INPUT_ERRORS = {
     "images/truncated_baseline.jpg": "truncated",
