@@ -481,8 +481,8 @@ def print_results(inputs: InputSet, variants: list[Variant], check: str) -> None
             n.cpu_seconds / h.cpu_seconds for h, n in zip(herbray.runs, naive.runs, strict=True)
         ]
         print(
-            f"herbray/{naive.name}: throughput {spread(ratios, unit='x')}, "
-            f"CPU time per image {spread(cpu_ratios, unit='x')} less (paired per repetition)"
+            f"herbray/{naive.name} throughput {spread(ratios, unit='x')}; {naive.name} uses "
+            f"{spread(cpu_ratios, unit='x')} herbray's CPU time per image (paired per repetition)"
         )
     print(f"output check: {check}")
 
