@@ -340,6 +340,17 @@ def test_manifest_with_mapping(tmp_path, kind):
     assert catalog.skipped == {"not_an_image": ["img/notes.txt"]}
 
 
+def test_manifest_images_under_hidden_folder_kept(tmp_path):
+    write_jpeg(str(tmp_path / ".cache" / "scans" / "a.jpg"))
+    path = tmp_path / "m.csv"
+    path.write_text(
+        f"path,species\n{tmp_path}/.cache/scans/a.jpg,Viola\n.cache/scans/._a.jpg,Viola\n"
+    )
+    catalog = read_catalog(str(path))
+    assert column(catalog, "image_uri") == [str(tmp_path / ".cache" / "scans" / "a.jpg")]
+    assert catalog.skipped == {"apple_double": [".cache/scans/._a.jpg"]}
+
+
 def test_manifest_missing_mapped_column_error(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("file,taxon\na.jpg,X\n")

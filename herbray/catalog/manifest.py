@@ -157,7 +157,9 @@ def read_manifest(
             continue
         for k, raw in enumerate(uris, start=1):
             if not storage.is_http(raw):
-                reason = skip_reason(raw.replace("\\", "/").rsplit("://", 1)[-1])
+                # Only the file name decides: a manifest may list images under any
+                # folder, hidden ones such as ~/.cache included.
+                reason = skip_reason(raw.replace("\\", "/").rsplit("/", 1)[-1])
                 if reason is not None:
                     skipped.setdefault(reason, []).append(raw)
                     continue
