@@ -287,10 +287,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", type=Path, help="folder of real scans (JPEG)")
     parser.add_argument(
+        "--scans-copies",
+        type=int,
+        default=16,
+        help="links to each real scan, so start-up costs are amortised as in a real archive "
+        "(default 16)",
+    )
+    parser.add_argument(
         "--generated",
         type=int,
-        default=24,
-        help="synthetic 4000x6000 sheets to time (0: none; default 24)",
+        default=48,
+        help="synthetic 4000x6000 sheets to time (0: none; default 48)",
     )
     parser.add_argument(
         "--memory",

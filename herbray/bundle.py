@@ -41,7 +41,7 @@ class Bundle:
     root: str
     info: dict
     labels: LabelMap
-    model: object  # torch.nn.Module in eval mode
+    model: object  # torch.nn.Module in eval mode; None from open_bundle
     device: str = "cpu"
 
     @property
@@ -184,12 +184,8 @@ lower than on the validation split.
 """
 
 
-def load_bundle(root: str, device: str = "cpu") -> Bundle:
-    """Load a bundle folder (local or ``s3://``) and build its model in eval mode."""
-    import torch
-
-    from herbray import models
-
+def open_bundle(root: str) -> Bundle:
+    """Read a bundle's description and species (cheap: no weights, no model)."""
     root = root.rstrip("/")
     marker = storage.join(root, "bundle.json")
     if not storage.exists(marker):
@@ -205,6 +201,17 @@ def load_bundle(root: str, device: str = "cpu") -> Bundle:
         raise ValueError(
             f"{root}: labels.json has {len(labels)} species but the model has {info['num_classes']}"
         )
+    return Bundle(root=root, info=info, labels=labels, model=None)
+
+
+def load_bundle(root: str, device: str = "cpu") -> Bundle:
+    """Load a bundle folder (local or ``s3://``) and build its model in eval mode."""
+    import torch
+
+    from herbray import models
+
+    bundle = open_bundle(root)
+    root, info, labels = bundle.root, bundle.info, bundle.labels
     weights_uri = storage.join(root, info.get("weights", WEIGHTS_FILE))
     data = storage.read_bytes(weights_uri)
     digest = sha256_bytes(data)

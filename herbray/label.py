@@ -465,12 +465,12 @@ def _check_run(output: str, run: dict) -> dict:
 
 def label(config: LabelConfig) -> LabelResult:
     """Run the labeling job; running it again on the same output finishes what is missing."""
-    from herbray.bundle import load_bundle
+    from herbray.bundle import open_bundle
     from herbray.prepare import rename_reserved
     from herbray.runtime import init_ray
 
     started = time.time()
-    bundle = load_bundle(config.model)
+    bundle = open_bundle(config.model)  # the actors load the weights
     catalog = config.read_source(config.input)
     images = rename_reserved(
         catalog.images(), ("image", "width", "height", "error", "error_message")
