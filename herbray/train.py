@@ -29,6 +29,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
 from herbray import config as cfg
 from herbray import models, storage
 from herbray.config import option
@@ -39,6 +41,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 CLASS_WEIGHTINGS = ("sqrt_inverse", "inverse", "none")
+# Images per Ray Data decode/augment batch.
+DECODE_BATCH = 16
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,6 +108,11 @@ class TrainConfig:
         None, "torch threads per worker (default: cpus-per-worker rounded, at least 1)"
     )
     data_cpus: float = option(1.0, "CPUs per Ray Data read and decode/augment task")
+    cache_gb: float = option(
+        2.0,
+        "keep the compressed shards in Ray's object store for the run when they total at "
+        "most this many GB (and a quarter of the object store); 0 reads them every epoch",
+    )
     name: str = option("herbray-train", "run name; the same name and storage path resume")
     storage_path: str | None = option(
         None, "where runs and checkpoints live, local or s3:// (default: OUTPUT/runs)"
@@ -133,6 +142,7 @@ class TrainConfig:
             f"cpus_per_worker must be positive, got {self.cpus_per_worker}",
         )
         cfg.require(self.data_cpus > 0, f"data_cpus must be positive, got {self.data_cpus}")
+        cfg.require(self.cache_gb >= 0, f"cache_gb must be >= 0, got {self.cache_gb}")
         cfg.require(
             self.torch_threads is None or self.torch_threads >= 1,
             f"torch_threads must be >= 1, got {self.torch_threads}",
@@ -321,7 +331,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         started = time.time()
         seen, loss_sum, step = 0, 0.0, 0
+        # Time blocked on the input pipeline: high means decoding, not the model, limits speed.
+        data_seconds, requested = 0.0, started
         for step, batch in enumerate(batches("train", c["batch_size"])):
+            data_seconds += time.time() - requested
             x = to_model_input(
                 batch["image"], c["mean"], c["std"], device=device, channels_last=c["channels_last"]
             )
@@ -340,10 +353,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scheduler.step()
             seen += len(y)
             loss_sum += loss.item() * len(y)
+            requested = time.time()
         train_seconds = time.time() - started
 
         # Validation (and, after the last epoch, the test split) on every worker's shard.
-        totals = torch.tensor([seen, loss_sum, train_seconds], dtype=torch.float64, device=device)
+        totals = torch.tensor(
+            [seen, loss_sum, train_seconds, data_seconds], dtype=torch.float64, device=device
+        )
         if world > 1:
             torch.distributed.all_reduce(totals)
         totals = totals.cpu()
@@ -352,6 +368,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_loss": float(totals[1] / max(totals[0], 1)),
             "train_images": int(totals[0]),
             "train_images_per_second": float(totals[0] / max(totals[2] / max(world, 1), 1e-9)),
+            "train_seconds": float(totals[2] / max(world, 1)),
+            "train_data_seconds": float(totals[3] / max(world, 1)),
             "lr": scheduler.get_last_lr()[-1],
         }
         if c["has_val"]:
@@ -502,26 +520,66 @@ def check_data_cpus(config: TrainConfig, cluster_cpus: float, *, local: bool) ->
     logger.warning("%s; training waits until the cluster has the CPUs", message)
 
 
+def _shard_bytes(fs, path: str) -> int:
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    files = [info for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    return sum(info.size or 0 for info in files)
+
+
+def cache_shards(config: TrainConfig, shard_bytes: int, object_store_bytes: float) -> bool:
+    """Return whether the compressed shards stay in Ray's object store for the whole run.
+
+    Reading the Parquet shards again delays each epoch's first batch by about
+    1.3 s (Ray Data's file listing and read tasks; 134 Violaceae sheets on 2
+    CPUs, bench/train.py). Cached shards skip that, but they must fit
+    ``cache_gb`` and a quarter of the object store, which leaves the rest to the
+    decoded batches.
+    """
+    return shard_bytes <= min(config.cache_gb * 1e9, object_store_bytes / 4)
+
+
 def build_datasets(prepared, config: TrainConfig, shape) -> dict:
     """Ray Data datasets of the prepared splits, decoded and (for train) augmented."""
+    import ray
     import ray.data
 
     from herbray.transforms import eval_batch, train_batch
 
     fs, _ = storage.filesystem_and_path(prepared.root)
-    datasets = {}
+    paths = {}
     for split in ("train", "val", "test"):
         uri = prepared.split_path(split)
-        if uri is None:
-            continue
-        _, path = storage.filesystem_and_path(uri)
+        if uri is not None:
+            paths[split] = storage.filesystem_and_path(uri)[1]
+    shard_bytes = sum(_shard_bytes(fs, path) for path in paths.values())
+    cache = cache_shards(
+        config, shard_bytes, ray.cluster_resources().get("object_store_memory", 0.0)
+    )
+    logger.info(
+        "%.1f MB of shards, %s",
+        shard_bytes / 1e6,
+        "cached in the object store" if cache else "read again every epoch (over --cache-gb)",
+    )
+    # One decoded batch per block, so that the workers receive batches as they are
+    # decoded rather than a whole file's images at once (Ray's default is 128 MiB).
+    block_bytes = DECODE_BATCH * shape.height * shape.width * 3
+
+    datasets = {}
+    for split, path in paths.items():
+        # A new file order every epoch, without randomize_block_order(), which
+        # waits for every block of the split before the first one is decoded.
+        shuffle = "files" if split == "train" and not cache else None
         dataset = ray.data.read_parquet(
-            path, filesystem=fs, num_cpus=config.data_cpus
+            path, filesystem=fs, num_cpus=config.data_cpus, shuffle=shuffle
         ).select_columns(["image", "label"])
+        if cache:
+            dataset = dataset.materialize()
         if split == "train":
-            dataset = dataset.randomize_block_order().map_batches(
+            if cache:
+                dataset = dataset.randomize_block_order()
+            dataset = dataset.map_batches(
                 train_batch,
-                batch_size=16,
+                batch_size=DECODE_BATCH,
                 fn_kwargs={
                     "height": shape.height,
                     "width": shape.width,
@@ -533,10 +591,11 @@ def build_datasets(prepared, config: TrainConfig, shape) -> dict:
         else:
             dataset = dataset.map_batches(
                 eval_batch,
-                batch_size=16,
+                batch_size=DECODE_BATCH,
                 fn_kwargs={"height": shape.height, "width": shape.width},
                 num_cpus=config.data_cpus,
             )
+        dataset.context.target_max_block_size = block_bytes
         datasets[split] = dataset
     return datasets
 
