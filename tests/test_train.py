@@ -33,6 +33,7 @@ from herbray.train import (
     CHECKPOINT_FILE,
     NonFiniteLossError,
     TrainConfig,
+    cache_shards,
     check_data_cpus,
     train,
 )
@@ -127,6 +128,7 @@ def check_run(config: TrainConfig, result, prepared: Path) -> None:
         for key in ("val_top1", "val_top5", "val_macro_f1"):
             assert 0.0 <= row[key] <= 1.0, (key, row)
         assert row["val_images"] == images_in(prepared, "val")
+        assert 0 <= row["train_data_seconds"] <= row["train_seconds"]
     assert history[-1]["test_images"] == images_in(prepared, "test")
 
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
@@ -148,12 +150,14 @@ def test_train_one_worker(one_worker_run, prepared):
 
 def test_train_two_workers(prepared, tmp_path):
     # Two workers of half a CPU each leave one of ray_local's 2 CPUs to Ray Data.
+    # cache_gb=0: Ray Data reads the shards again every epoch, in a new file order.
     config = TrainConfig(
         shards=str(prepared),
         output=str(tmp_path / "bundle"),
         epochs=EPOCHS,
         num_workers=2,
         cpus_per_worker=0.5,
+        cache_gb=0,
         seed=2,
         **FAST,
     )
@@ -404,11 +408,22 @@ def test_config_unknown_model_lists_choices():
         ({"cpus_per_worker": 0}, "cpus_per_worker must be positive"),
         ({"torch_threads": 0}, "torch_threads must be >= 1"),
         ({"lr": 0}, "lr must be positive"),
+        ({"cache_gb": -1}, "cache_gb must be >= 0"),
     ],
 )
 def test_config_invalid_values_rejected(values, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{"shards": "a", "output": "b", **values})
+
+
+def test_cache_shards_limits():
+    config = TrainConfig(shards="a", output="b", cache_gb=1.0)
+    assert cache_shards(config, 10**9, object_store_bytes=8e9)
+    assert not cache_shards(config, 10**9 + 1, object_store_bytes=8e9)
+    # At most a quarter of the object store, whatever cache_gb allows.
+    assert not cache_shards(config, 10**9, object_store_bytes=3e9)
+    never = TrainConfig(shards="a", output="b", cache_gb=0)
+    assert not cache_shards(never, 1, object_store_bytes=8e9)
 
 
 def test_data_cpus_check_local_and_cluster(caplog):
