@@ -108,6 +108,11 @@ class TrainConfig:
         None, "torch threads per worker (default: cpus-per-worker rounded, at least 1)"
     )
     data_cpus: float = option(1.0, "CPUs per Ray Data read and decode/augment task")
+    tune_malloc: bool = option(
+        True,
+        "start the workers with glibc malloc settings that keep freed memory for reuse "
+        "(1.3-1.6x faster CPU training; a worker keeps its peak memory)",
+    )
     cache_gb: float = option(
         2.0,
         "keep the compressed shards in Ray's object store for the run when they total at "
@@ -608,7 +613,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     from herbray.bundle import write_bundle
     from herbray.prepare import load_prepared
-    from herbray.runtime import init_ray
+    from herbray.runtime import init_ray, malloc_env
     from herbray.transforms import InputShape
 
     started = time.time()
@@ -660,6 +665,7 @@ def train(config: TrainConfig) -> TrainResult:
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         callbacks=[_metrics_callback(history_uri)],
+        worker_runtime_env={"env_vars": malloc_env()} if config.tune_malloc else None,
     )
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:

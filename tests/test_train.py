@@ -436,3 +436,30 @@ def test_data_cpus_check_local_and_cluster(caplog):
     check_data_cpus(config, 3.0, local=True)
     half = TrainConfig(shards="a", output="b", num_workers=2, cpus_per_worker=0.5)
     check_data_cpus(half, 2.0, local=True)
+
+
+def test_malloc_env_keeps_the_users_settings(monkeypatch):
+    from herbray.runtime import CPU_TRAINING_MALLOC_ENV, malloc_env
+
+    for name in CPU_TRAINING_MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert malloc_env() == CPU_TRAINING_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    env = malloc_env()
+    assert "MALLOC_ARENA_MAX" not in env
+    assert env["MALLOC_TRIM_THRESHOLD_"] == str(4 << 30)
+
+
+def test_local_ray_workers_quiet_the_cleaner_warning(ray_local):
+    from herbray.runtime import _CLEANER_LOGGER
+
+    @ray_local.remote
+    def levels():
+        return (
+            logging.getLogger(_CLEANER_LOGGER).getEffectiveLevel(),
+            logging.getLogger("ray.train").getEffectiveLevel(),
+        )
+
+    cleaner, train = ray_local.get(levels.remote())
+    assert cleaner == logging.ERROR
+    assert train < logging.ERROR
