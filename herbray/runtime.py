@@ -12,10 +12,9 @@ logger = logging.getLogger(__name__)
 WORKER_SETUP_HOOK = "herbray.imaging.configure_worker"
 LOCAL_WORKER_SETUP_HOOK = "herbray.runtime.configure_local_worker"
 
-# Ray Train's placement-group cleaner asks Ray's state API, served by the
-# dashboard, whether the training controller still lives, and warns once a
-# second when it cannot. A local Ray runs without the dashboard, so there the
-# warning is only noise; on clusters it stays.
+# Ray Train's placement-group cleaner polls Ray's state API, which the dashboard
+# serves, for the training controller, and it warns once a second when the API
+# is missing. A local Ray runs without the dashboard, so there the warning is noise.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 # Ray's switch for multi-machine clusters (named for Windows and macOS, where it
@@ -23,13 +22,14 @@ _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_c
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # glibc malloc settings for processes that train a CNN on CPUs. By default glibc
-# returns the memory of large freed tensors to the system and maps it again on the
-# next step, and a thread other than the main one (Ray Train runs the training loop
-# in one) allocates from a small arena that does this for even more tensors:
-# EfficientNet-Lite0 at batch 16 took 300,000-500,000 page faults per step. One
-# arena that keeps up to 4 GiB of freed memory for reuse cut that to none and sped
-# training up 1.3-1.6x on 2 cores (docs/benchmarks.md). The cost: a process keeps
-# its peak memory until it exits. glibc reads these when a process starts.
+# returns the memory of large freed tensors to the system and maps it again on
+# the next step. A thread other than the main one, where Ray Train runs the
+# training loop, does this for even more tensors because its arena is small.
+# EfficientNet-Lite0 took 300,000-1,500,000 page faults per step at batch 16-32.
+# One arena that keeps up to 4 GiB of freed memory cut that to almost none and
+# made training 1.4-1.9x faster on 2 cores (docs/benchmarks.md). The cost is
+# that a process keeps that freed memory until it exits. glibc reads these
+# variables when a process starts.
 CPU_TRAINING_MALLOC_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
@@ -39,7 +39,7 @@ CPU_TRAINING_MALLOC_ENV = {
 
 
 def malloc_env() -> dict[str, str]:
-    """:data:`CPU_TRAINING_MALLOC_ENV`, less the variables this environment already sets."""
+    """Return :data:`CPU_TRAINING_MALLOC_ENV` without the variables already set here."""
     return {k: v for k, v in CPU_TRAINING_MALLOC_ENV.items() if k not in os.environ}
 
 
@@ -77,7 +77,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def configure_local_worker() -> None:
-    """Worker set-up on a local Ray: herbray's own, and quiet the cleaner's warning."""
+    """Set up a worker of a local Ray: herbray's settings, and no cleaner warnings."""
     from herbray.imaging import configure_worker
 
     configure_worker()

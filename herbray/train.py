@@ -111,7 +111,7 @@ class TrainConfig:
     tune_malloc: bool = option(
         True,
         "start the workers with glibc malloc settings that keep freed memory for reuse "
-        "(1.3-1.6x faster CPU training; a worker keeps its peak memory)",
+        "(1.4-1.9x faster CPU training; a worker keeps up to 4 GiB of freed memory)",
     )
     cache_gb: float = option(
         2.0,
