@@ -3,7 +3,7 @@
 #
 #   bash bench/real_data.sh [DATA_DIR] [OUTPUT_DIR]
 #
-# DATA_DIR holds violaceae/ (the Violaceae-Dataset, github.com/Sujeong-Han/Violaceae-Dataset,
+# DATA_DIR contains violaceae/ (the Violaceae-Dataset, github.com/Sujeong-Han/Violaceae-Dataset,
 # with its labels.csv), sheets/ (LeafMachine, BU-Spark ml-herbarium and VoucherVision sheets)
 # and bad-inputs/. Defaults: ../shared/data and out/real-data.
 #

@@ -52,15 +52,14 @@ REPO = Path(__file__).resolve().parent.parent
 # Lets the script run from a plain clone, before `pip install -e .`; tests/ has the server.
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from label import make_bundle  # noqa: E402
 from s3server import CONFLICTING_ENV, S3Server  # noqa: E402
 
 from herbray import models, storage  # noqa: E402
-from herbray.bundle import write_bundle  # noqa: E402
 from herbray.label import LabelConfig, label  # noqa: E402
 from herbray.runtime import init_ray  # noqa: E402
-from herbray.taxonomy import LabelMap  # noqa: E402
-from herbray.transforms import InputShape  # noqa: E402
 
 logger = logging.getLogger("bench.s3_label")
 
@@ -88,26 +87,6 @@ class Timings:
 
     warm_up: dict[str, float] = field(default_factory=dict)
     runs: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
-
-
-def make_bundle(folder: Path, model_name: str, species: int) -> Path:
-    """Write a bundle of ImageNet weights with a random head: enough to time inference."""
-    spec = models.get_spec(model_name)
-    weights = "imagenet" if spec.has_offline_imagenet_weights else None
-    model = models.create_model(model_name, species, weights=weights)
-    labels = LabelMap(tuple(f"Species {i}" for i in range(species)), (1,) * species)
-    write_bundle(
-        str(folder),
-        state_dict=model.state_dict(),
-        model_name=model_name,
-        labels=labels,
-        input_shape=InputShape.from_size(spec.input_size, 1.5),
-        preprocessing={"mean": list(spec.mean), "std": list(spec.std), "interpolation": "bilinear"},
-        config={"model": model_name, "epochs": 0, "weights": str(weights)},
-        metrics={},
-        history=[],
-    )
-    return folder
 
 
 def start_s3_server() -> S3Server:

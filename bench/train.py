@@ -315,10 +315,10 @@ def main() -> None:
     from herbray.runtime import CPU_TRAINING_MALLOC_ENV, malloc_env
 
     if args.tune_malloc and malloc_env():
-        # glibc reads them at process start: run this script again with them set.
+        # glibc reads these variables only at process start, so run this script again.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **malloc_env()})
-    # The plain loop (this process) has them now; the Ray side gets them the way
-    # herbray train sets them, on its training workers only, not on all of Ray.
+    # This process, which runs the plain loop, now has the settings. Ray must not
+    # inherit them, because herbray train sets them on its training workers only.
     if args.tune_malloc:
         for name in CPU_TRAINING_MALLOC_ENV:
             os.environ.pop(name, None)
