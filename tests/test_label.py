@@ -5,10 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-import signal
-import subprocess
 import sys
-import time
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when_ready
 
 from herbray.catalog import read_catalog
 from herbray.label import LABELS_DIR, OUTPUT_SCHEMA, LabelConfig, label, read_output
@@ -168,25 +166,12 @@ def test_label_killed_driver_resumes_exactly_once(shared_data, tiny_bundle, tmp_
     parts = output / LABELS_DIR
     env = dict(os.environ, RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    process = subprocess.Popen(
+    kill_when_ready(
         _label_command(tiny_bundle, source, output),
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env,
+        lambda: len(list(parts.glob("part-*.parquet"))) >= 2,
     )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and process.poll() is None:
-            if len(list(parts.glob("part-*.parquet"))) >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert list(parts.glob("part-*.parquet")), "no part file appeared"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    assert list(parts.glob("part-*.parquet")), "no part file appeared"
 
     before = {p.name for p in parts.glob("part-*.parquet")}
     rows_before = read_output(str(output)).num_rows

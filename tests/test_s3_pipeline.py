@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when_ready
 from s3server import free_ports
 
 from herbray import storage
@@ -561,24 +561,7 @@ def test_label_killed_driver_resumes_on_s3(
     command = [sys.executable, "-m", "herbray", "label", "--model", str(tiny_bundle)]
     command += ["--input", source, "--output", output, "--rows-per-file", "4"]
     command += ["--batch-size", "4", "--num-cpus", "2"]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            if len(s3_keys(s3_server, s3_bucket, parts_prefix)) >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_when_ready(command, env, lambda: len(s3_keys(s3_server, s3_bucket, parts_prefix)) >= 2)
 
     before = set(s3_keys(s3_server, s3_bucket, parts_prefix))
     rows_before = read_output(output).num_rows
